@@ -1,0 +1,1 @@
+"""The hub: QUIC server, ingest, durable log, presence, kernel, consumers and HTTP API."""

@@ -1,0 +1,1 @@
+"""Link simulator: impair the edge-hub path (loss, delay, outages, NAT rebinding, bandwidth)."""

@@ -1,0 +1,1 @@
+"""Squall transport: the wire format, session state machines, QUIC and TLS plumbing."""

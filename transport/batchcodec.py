@@ -1,0 +1,319 @@
+"""Record batches: the compact columnar encoding inside DATA frames (msgpack + zstd).
+
+A batch of records is transposed into columns before compression: seq and ts as
+deltas, subjects as indexes into a small table, and dict bodies split per key, with
+decimal-looking floats stored as scaled integer deltas.  Telemetry that changes a
+little per record (GPS, temperatures, counters) then costs a byte or two per field.
+Every column is checked against the batch's count on decode; every failure is one
+``WireError``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import zstandard
+
+from transport.errors import ErrorCode, LocalProtocolError, WireError
+from transport.limits import (
+    MAX_ATTR_KEY_BYTES,
+    MAX_ATTR_VALUE_BYTES,
+    MAX_ATTRS,
+    MAX_BATCH_RAW_BYTES,
+    MAX_BATCH_RECORDS,
+    MAX_BODY_BYTES,
+    MAX_BODY_KEYS,
+    MAX_SUBJECT_BYTES,
+)
+
+Scalar = str | int | float | bool | None
+Body = bytes | str | dict[str, Any] | list[Any] | int | float | bool | None
+
+CODEC_NONE = 0
+CODEC_ZSTD = 1
+
+_MISSING_COLUMN = 0  # column kinds
+_INT_DELTA = 1
+_SCALED_DELTA = 2
+_RAW = 3
+
+_MAX_SCALE = 9
+_ZSTD_LEVEL = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One message as the edge accepted it; the hub adds tenant, device and offset."""
+
+    seq: int
+    ts: int  # device clock, microseconds since the epoch
+    subject: str  # full subject: <tenant>.<device>.<suffix>
+    attrs: dict[str, Scalar] = field(default_factory=dict)
+    body: Body = None
+
+
+def encode_batch(records: Sequence[Record], *, compress: bool = True) -> tuple[int, bytes]:
+    """Encode records (strictly increasing seq) into (codec, payload)."""
+    if not records or len(records) > MAX_BATCH_RECORDS:
+        raise WireError(ErrorCode.LIMIT_EXCEEDED, f"batch of {len(records)} records")
+    subjects: dict[str, int] = {}
+    subject_idx = [subjects.setdefault(r.subject, len(subjects)) for r in records]
+    seq_col = _deltas([r.seq for r in records])
+    seq_col[0] = 0  # the first seq travels in the DATA header
+    doc = [
+        list(subjects),
+        seq_col,
+        _deltas([r.ts for r in records]),  # first element absolute
+        subject_idx,
+        [r.attrs or None for r in records],
+        _encode_bodies([r.body for r in records]),
+    ]
+    raw = pack(doc)
+    if len(raw) > MAX_BATCH_RAW_BYTES:
+        raise WireError(ErrorCode.LIMIT_EXCEEDED, f"batch encodes to {len(raw)} bytes")
+    if not compress:
+        return CODEC_NONE, raw
+    return CODEC_ZSTD, _compressor().compress(raw)
+
+
+def decode_batch(codec: int, payload: bytes, first_seq: int, count: int) -> list[Record]:
+    """Decode a batch payload; raises WireError on anything malformed or over a limit."""
+    doc = _unpack_doc(codec, payload)
+    subjects, seq_d, ts_d, subj_idx, attrs, bodies = doc
+    _check_list(subjects, "subjects", max_len=count)
+    for col, name in ((seq_d, "seq"), (ts_d, "ts"), (subj_idx, "subject index"), (attrs, "attrs")):
+        _check_list(col, name, exact=count)
+    for s in subjects:
+        _check_subject(s)
+    seqs = _undelta(seq_d, first_seq, "seq", u64=True)
+    if any(b <= a for a, b in itertools.pairwise(seqs)):
+        raise WireError(ErrorCode.BAD_SEQUENCE, "seq not strictly increasing in batch")
+    ts = _undelta(ts_d, 0, "ts")
+    body_values = _decode_bodies(bodies, count)
+    out: list[Record] = []
+    for i in range(count):
+        j = subj_idx[i]
+        if not isinstance(j, int) or not 0 <= j < len(subjects):
+            raise WireError(ErrorCode.BAD_FIELD, f"subject index {j!r} out of range")
+        out.append(Record(seqs[i], ts[i], subjects[j], _check_attrs(attrs[i]), body_values[i]))
+    return out
+
+
+def batch_subjects(codec: int, payload: bytes) -> list[str]:
+    """Only the subject table of a batch (for cheap prefix checks)."""
+    doc = _unpack_doc(codec, payload)
+    subjects = doc[0]
+    _check_list(subjects, "subjects", max_len=MAX_BATCH_RECORDS)
+    for s in subjects:
+        _check_subject(s)
+    return list(subjects)
+
+
+# --- columns -----------------------------------------------------------------
+
+
+def _deltas(values: list[int]) -> list[int]:
+    return [values[0]] + [b - a for a, b in itertools.pairwise(values)]
+
+
+def _undelta(col: list[Any], start: int, name: str, *, u64: bool = False) -> list[int]:
+    out: list[int] = []
+    acc = start
+    for d in col:
+        if not isinstance(d, int) or isinstance(d, bool):
+            raise WireError(ErrorCode.BAD_FIELD, f"{name} column holds {type(d).__name__}")
+        acc += d
+        if u64 and not 0 <= acc < 1 << 64:
+            raise WireError(ErrorCode.BAD_FIELD, f"{name} out of range")
+        out.append(acc)
+    return out
+
+
+def _encode_bodies(bodies: list[Body]) -> list[Any]:
+    """Columnar form when every body is a flat dict of scalars, else the raw list."""
+    dicts = [b for b in bodies if isinstance(b, dict)]
+    if len(dicts) != len(bodies):
+        return [_RAW, bodies]
+    keys: dict[str, None] = {}
+    for b in dicts:
+        for k, v in b.items():
+            if not isinstance(k, str) or isinstance(v, dict | list | bytes):
+                return [_RAW, bodies]
+            keys.setdefault(k, None)
+    if len(keys) > MAX_BODY_KEYS:
+        return [_RAW, bodies]
+    columns: list[Any] = []
+    for k in keys:
+        present = [k in b for b in dicts]
+        vals = [b[k] for b in dicts if k in b]
+        columns.append([k, None if all(present) else present, *_encode_column(vals)])
+    return [_INT_DELTA, columns]
+
+
+def _encode_column(vals: list[Any]) -> list[Any]:
+    if all(type(v) is int for v in vals) and all(-(1 << 62) < v < 1 << 62 for v in vals):
+        return [_INT_DELTA, 0, _deltas(vals)]
+    if all(type(v) is float and not _is_negative_zero(v) for v in vals):
+        scale = _decimal_scale(vals)
+        if scale is not None:
+            ints = [round(v * 10**scale) for v in vals]
+            return [_SCALED_DELTA, scale, _deltas(ints)]
+    return [_RAW, 0, vals]
+
+
+def _is_negative_zero(v: float) -> bool:
+    return v == 0.0 and math.copysign(1.0, v) < 0
+
+
+def _decimal_scale(vals: list[float]) -> int | None:
+    for scale in range(_MAX_SCALE + 1):
+        f = 10**scale
+        if all(abs(v) < 1e15 / f and round(v * f) / f == v for v in vals):
+            return scale
+    return None
+
+
+def _decode_bodies(bodies: Any, count: int) -> list[Body]:
+    if not isinstance(bodies, list) or len(bodies) != 2:
+        raise WireError(ErrorCode.BAD_FIELD, "body section malformed")
+    kind, data = bodies
+    if kind == _RAW:
+        _check_list(data, "bodies", exact=count)
+        for b in data:
+            if isinstance(b, bytes | str) and len(b) > MAX_BODY_BYTES:
+                raise WireError(ErrorCode.LIMIT_EXCEEDED, "body too large")
+        return list(data)
+    if kind != _INT_DELTA:
+        raise WireError(ErrorCode.BAD_FIELD, f"unknown body encoding {kind!r}")
+    _check_list(data, "body columns", max_len=MAX_BODY_KEYS)
+    out: list[dict[str, Any]] = [{} for _ in range(count)]
+    for column in data:
+        _decode_column(column, out)
+    return list(out)
+
+
+def _decode_column(column: Any, out: list[dict[str, Any]]) -> None:
+    if not isinstance(column, list) or len(column) != 5 or not isinstance(column[0], str):
+        raise WireError(ErrorCode.BAD_FIELD, "body column malformed")
+    key, present, kind, scale, data = column
+    rows = list(range(len(out)))
+    if present is not None:
+        _check_list(present, "presence", exact=len(out))
+        rows = [i for i, p in enumerate(present) if p]
+    _check_list(data, f"column {key!r}", exact=len(rows))
+    if kind == _RAW:
+        vals = data
+    elif kind in (_INT_DELTA, _SCALED_DELTA):
+        ints = _undelta(data, 0, key)
+        if kind == _INT_DELTA:
+            vals = ints
+        else:
+            if not isinstance(scale, int) or not 0 <= scale <= _MAX_SCALE:
+                raise WireError(ErrorCode.BAD_FIELD, f"bad scale {scale!r}")
+            f = 10**scale
+            vals = [i / f for i in ints]
+    else:
+        raise WireError(ErrorCode.BAD_FIELD, f"unknown column kind {kind!r}")
+    for i, v in zip(rows, vals, strict=True):
+        out[i][key] = v
+
+
+# --- checks ------------------------------------------------------------------
+
+
+def _unpack_doc(codec: int, payload: bytes) -> list[Any]:
+    if codec == CODEC_ZSTD:
+        try:
+            raw = _decompressor().decompress(payload, max_output_size=MAX_BATCH_RAW_BYTES)
+        except zstandard.ZstdError as exc:
+            raise WireError(ErrorCode.BAD_COMPRESSION, f"zstd: {exc}") from exc
+    elif codec == CODEC_NONE:
+        raw = payload
+    else:
+        raise WireError(ErrorCode.BAD_FIELD, f"unknown codec {codec}")
+    if len(raw) > MAX_BATCH_RAW_BYTES:
+        raise WireError(ErrorCode.LIMIT_EXCEEDED, "batch too large once decompressed")
+    doc = unpack_limited(raw)
+    if not isinstance(doc, list) or len(doc) != 6:
+        raise WireError(ErrorCode.BAD_FIELD, "batch document malformed")
+    return doc
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack-encode our own data; values msgpack cannot carry are a LocalProtocolError."""
+    try:
+        out: bytes = msgpack.packb(obj, use_bin_type=True)
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise LocalProtocolError(ErrorCode.BAD_FIELD, f"cannot encode: {exc}") from exc
+    return out
+
+
+def unpack_limited(raw: bytes, *, max_len: int = MAX_BATCH_RAW_BYTES) -> Any:
+    """msgpack-decode with every container and string bounded; one error type."""
+    try:
+        return msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=max_len,
+            max_bin_len=max_len,
+            max_array_len=MAX_BATCH_RECORDS * 2,
+            max_map_len=max(MAX_BODY_KEYS, MAX_ATTRS) * 4,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
+        raise WireError(ErrorCode.BAD_ENCODING, f"msgpack: {exc}"[:200]) from exc
+    except (msgpack.StackError, RecursionError) as exc:
+        raise WireError(ErrorCode.BAD_ENCODING, "msgpack nesting too deep") from exc
+
+
+def _check_list(col: Any, name: str, *, exact: int | None = None, max_len: int = 0) -> None:
+    if not isinstance(col, list):
+        raise WireError(ErrorCode.BAD_FIELD, f"{name} is not a list")
+    if exact is not None and len(col) != exact:
+        raise WireError(ErrorCode.BAD_FIELD, f"{name} has {len(col)} entries, expected {exact}")
+    if exact is None and len(col) > max_len:
+        raise WireError(ErrorCode.LIMIT_EXCEEDED, f"{name} has {len(col)} entries")
+
+
+def _check_subject(s: Any) -> None:
+    if not isinstance(s, str) or not s or len(s.encode()) > MAX_SUBJECT_BYTES:
+        raise WireError(ErrorCode.BAD_FIELD, f"bad subject {str(s)[:60]!r}")
+
+
+def _check_attrs(a: Any) -> dict[str, Scalar]:
+    if a is None:
+        return {}
+    if not isinstance(a, dict) or len(a) > MAX_ATTRS:
+        raise WireError(ErrorCode.BAD_FIELD, "attrs must be a small map")
+    for k, v in a.items():
+        if len(k) > MAX_ATTR_KEY_BYTES:
+            raise WireError(ErrorCode.LIMIT_EXCEEDED, f"attr key {k[:40]!r} too long")
+        if isinstance(v, str) and len(v) > MAX_ATTR_VALUE_BYTES:
+            raise WireError(ErrorCode.LIMIT_EXCEEDED, f"attr {k!r} value too long")
+        if not isinstance(v, str | int | float | bool) and v is not None:
+            raise WireError(ErrorCode.BAD_FIELD, f"attr {k!r} is not a scalar")
+    return a
+
+
+_CCTX: zstandard.ZstdCompressor | None = None
+_DCTX: zstandard.ZstdDecompressor | None = None
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    global _CCTX
+    if _CCTX is None:
+        _CCTX = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=False)
+    return _CCTX
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    global _DCTX
+    if _DCTX is None:
+        _DCTX = zstandard.ZstdDecompressor()
+    return _DCTX

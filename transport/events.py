@@ -1,0 +1,91 @@
+"""Events the sans-I/O session cores and endpoints hand to their shells: plain frozen data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from transport.batchcodec import Record
+from transport.errors import ErrorCode
+
+
+@dataclass(frozen=True, slots=True)
+class Welcomed:
+    """Edge: the hub answered HELLO; ``held`` is what it already has, per lane."""
+
+    held: dict[int, int]
+    credit: int
+    hub_time_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class Acked:
+    """Edge: the hub committed everything in ``lane`` up to ``upto``."""
+
+    lane: int
+    upto: int
+    records: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerError:
+    """Either side: the peer sent ERROR; ``retry_after_ms`` is its hint (BUSY)."""
+
+    code: ErrorCode
+    reason: str
+    retry_after_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClosed:
+    """Either side: this session is over; the shell closes the QUIC connection with ``code``."""
+
+    code: ErrorCode
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class HelloReceived:
+    """Hub: the edge said HELLO for ``incarnation``."""
+
+    incarnation: int
+    agent: str
+
+
+@dataclass(frozen=True, slots=True)
+class BatchAccepted:
+    """Hub: new records (duplicates removed) to commit; ``payload`` is reusable when untrimmed."""
+
+    lane: int
+    incarnation: int
+    records: list[Record]
+    codec: int
+    payload: bytes | None  # the batch as received, or None when it had to be trimmed
+    wire_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReceived:
+    """Hub: a heartbeat's stats map as the edge sent it."""
+
+    stats: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DuplicatesSkipped:
+    """Hub: records already held arrived again (retransmit or replay) and were not stored."""
+
+    lane: int
+    count: int
+
+
+SessionEvent = (
+    Welcomed
+    | Acked
+    | PeerError
+    | SessionClosed
+    | HelloReceived
+    | BatchAccepted
+    | HeartbeatReceived
+    | DuplicatesSkipped
+)

@@ -1,0 +1,632 @@
+"""QUIC endpoints for both ends, sans-I/O: datagrams, addresses and ``now`` in; datagrams,
+events and one deadline out.  They own aioquic ``QuicConnection`` objects and the session
+cores; the asyncio shells (edge/, hub/) only own a UDP socket and one timer, and the
+simulator's virtual-time harness drives this very code without sockets.
+
+Streams: the edge opens the control stream first, then one stream per lane as it needs
+it.  Heartbeats travel as QUIC DATAGRAM frames.  The hub routes datagrams to connections
+by connection ID, so a device keeps its session across NAT rebinding.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import re
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aioquic import tls
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]
+from aioquic.quic import events as qe
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from aioquic.quic.crypto import CryptoPair
+from aioquic.quic.packet import (
+    QuicErrorCode,
+    QuicFrameType,
+    QuicPacketType,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from transport.auth import Clock, TicketStore, require_client_certificate, wall_clock
+from transport.certs import DeviceIdentity, PrivateKey
+from transport.errors import ErrorCode, WireError
+from transport.events import SessionClosed, SessionEvent
+from transport.limits import ALPN, MAX_FRAME_BYTES, MAX_HEARTBEAT_BYTES
+from transport.session import CONTROL, EdgeSession, HubSession
+from transport.wire import FrameReader, decode_datagram
+
+Address = tuple[Any, ...]
+_RETRY_RE = re.compile(r"retry-after-ms=(\d+)")
+_MAX_STREAMS = 4  # control + three lanes
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """The QUIC handshake finished; ``early_data`` is true when 0-RTT data was accepted."""
+
+    session_resumed: bool
+    early_data: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLost:
+    """The connection ended; ``code`` is a Squall code, a QUIC/TLS code, or 0."""
+
+    code: int
+    reason: str
+    retry_after_ms: int = 0
+    handshake_done: bool = True
+
+
+@dataclass(slots=True)
+class EdgeTls:
+    """What the edge needs to connect: the CA to trust, its device certificate and key."""
+
+    roots: list[x509.Certificate]
+    cert: x509.Certificate
+    key: PrivateKey | None
+    server_name: str = "localhost"
+
+
+def _base_config(is_client: bool, idle_timeout: float) -> QuicConfiguration:
+    return QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=[ALPN],
+        max_datagram_frame_size=MAX_HEARTBEAT_BYTES + 100,
+        idle_timeout=idle_timeout,
+    )
+
+
+def retry_after_from(reason: str) -> int:
+    """The ``retry-after-ms=N`` hint a busy hub puts in its close reason (0 if none)."""
+    m = _RETRY_RE.search(reason)
+    return int(m.group(1)) if m else 0
+
+
+class EdgeEndpoint:
+    """One client connection to a hub carrying one EdgeSession."""
+
+    def __init__(
+        self,
+        tls_files: EdgeTls,
+        session: EdgeSession,
+        addr: Address,
+        now: float,
+        ticket: tls.SessionTicket | None = None,
+        on_ticket: Callable[[tls.SessionTicket], None] | None = None,
+        idle_timeout: float = 60.0,
+    ) -> None:
+        cfg = _base_config(True, idle_timeout)
+        cfg.server_name = tls_files.server_name
+        cfg.cadata = b"".join(c.public_bytes(Encoding.PEM) for c in tls_files.roots)
+        cfg.certificate = tls_files.cert
+        cfg.private_key = tls_files.key
+        cfg.session_ticket = ticket
+        self.session = session
+        self.addr = addr
+        self.quic = QuicConnection(configuration=cfg, session_ticket_handler=on_ticket)
+        self.quic.connect(addr, now)
+        self._streams: dict[int, int] = {}  # channel -> stream id
+        self._control_reader = FrameReader()
+        self._events: deque[Connected | ConnectionLost | SessionEvent] = deque()
+        self.handshake_done = False
+        self.closed = False
+        self._pump(now)
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        """A UDP datagram from the hub."""
+        self.quic.receive_datagram(data, addr, now)
+        self._drain(now)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
+        """UDP datagrams to send now."""
+        return [(d, a) for d, a in self.quic.datagrams_to_send(now)]
+
+    def get_timer(self) -> float | None:
+        """The earliest deadline of the QUIC connection and the session."""
+        times = [t for t in (self.quic.get_timer(), self.session.get_timer()) if t is not None]
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        """Run whatever is due."""
+        t = self.quic.get_timer()
+        if t is not None and now >= t:
+            self.quic.handle_timer(now)
+        t = self.session.get_timer()
+        if t is not None and now >= t:
+            self.session.handle_timer(now)
+        self._drain(now)
+
+    def poll(self, now: float) -> None:
+        """New records are in the spool: let the session send what it may."""
+        self.session.poll(now)
+        self._pump(now)
+
+    def next_event(self) -> Connected | ConnectionLost | SessionEvent | None:
+        """Next endpoint or session event."""
+        return self._events.popleft() if self._events else None
+
+    def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """Close the connection (GOING_AWAY on shutdown)."""
+        if not self.closed:
+            self.quic.close(error_code=int(code), reason_phrase=reason)
+
+    def rtt(self) -> float:
+        """Smoothed RTT estimate in seconds (aioquic's recovery state)."""
+        loss: Any = self.quic._loss
+        return float(loss._rtt_smoothed or loss._rtt_initial)
+
+    def _drain(self, now: float) -> None:
+        while (ev := self.quic.next_event()) is not None:
+            self._on_quic_event(ev, now)
+        self._pump(now)
+
+    def _on_quic_event(self, ev: qe.QuicEvent, now: float) -> None:
+        if isinstance(ev, qe.HandshakeCompleted):
+            self.handshake_done = True
+            self._events.append(Connected(ev.session_resumed, ev.early_data_accepted))
+        elif isinstance(ev, qe.StreamDataReceived):
+            if ev.stream_id != self._streams.get(CONTROL):
+                return
+            try:
+                for frame in self._control_reader.feed(ev.data):
+                    self.session.receive_frame(frame, now)
+            except WireError as exc:
+                self.session.close(exc.code, exc.reason)
+                self.quic.close(error_code=int(exc.code), reason_phrase=exc.reason)
+        elif isinstance(ev, qe.ConnectionTerminated):
+            self._on_terminated(ev)
+
+    def _on_terminated(self, ev: qe.ConnectionTerminated) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        reason = ev.reason_phrase or ""
+        self.session.close(ErrorCode.NO_ERROR, reason)
+        lost = ConnectionLost(ev.error_code, reason, retry_after_from(reason), self.handshake_done)
+        self._events.append(lost)
+
+    def _pump(self, now: float) -> None:
+        for channel, data in self.session.frames_to_send():
+            self.quic.send_stream_data(self._stream_for(channel), data)
+        for data in self.session.datagrams_to_send():
+            self.quic.send_datagram_frame(data)
+        while (ev := self.session.next_event()) is not None:
+            self._events.append(ev)
+        if self.quic._state is QuicConnectionState.TERMINATED and not self.closed:
+            self._on_terminated(qe.ConnectionTerminated(0, None, "connection terminated"))
+
+    def _stream_for(self, channel: int) -> int:
+        sid = self._streams.get(channel)
+        if sid is None:
+            sid = self.quic.get_next_available_stream_id()
+            self._streams[channel] = sid
+        return sid
+
+
+# --- hub -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class HubTls:
+    """The hub's certificate and key, and the CA(s) that sign device certificates."""
+
+    cert: x509.Certificate
+    key: PrivateKey
+    device_roots: list[x509.Certificate]
+
+
+@dataclass(slots=True)
+class HubLimits:
+    """Per-endpoint bounds; what happens at each is in the comment."""
+
+    max_connections: int = 10_000  # beyond: new handshakes refused with BUSY + retry-after
+    max_handshakes: int = 200  # handshakes in progress; beyond: BUSY + retry-after
+    busy_retry_after_ms: int = 5_000
+    max_frame_bytes: int = MAX_FRAME_BYTES  # a larger DATA frame: FRAME_TOO_LARGE, close
+    idle_timeout_s: float = 90.0  # silent connections are dropped by QUIC
+    max_pending_frames: int = 64  # frames held before the identity is known; beyond: close
+
+
+@dataclass(eq=False)
+class HubConnection:
+    """One device connection: the QUIC state, its session core, and who it is."""
+
+    conn_id: int
+    quic: QuicConnection
+    addr: Address
+    identity: DeviceIdentity | None = None  # set only once verified (certificate or resumption)
+    ticket_identity: DeviceIdentity | None = None  # from the ticket, until PSK is accepted
+    session: HubSession | None = None
+    resumed: bool = False
+    handshake_done: bool = False
+    closed: bool = False
+    readers: dict[int, FrameReader] = field(default_factory=dict)
+    held: list[tuple[int, bytes]] = field(default_factory=list)
+    cids: set[bytes] = field(default_factory=set)
+    timer: float | None = None
+
+    @property
+    def peer_addr(self) -> Address:
+        """The address the connection is using now (changes on migration)."""
+        paths = self.quic._network_paths
+        return tuple(paths[0].addr) if paths else self.addr
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConnected:
+    """Hub: a device finished its handshake."""
+
+    conn: HubConnection
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceDisconnected:
+    """Hub: a device connection ended."""
+
+    conn: HubConnection
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEvent:
+    """Hub: a session event of one device connection."""
+
+    conn: HubConnection
+    event: SessionEvent
+
+
+HubEvent = DeviceConnected | DeviceDisconnected | DeviceEvent
+
+
+class HubEndpoint:
+    """Every device connection of one hub UDP port, routed by connection ID."""
+
+    def __init__(
+        self,
+        tls_files: HubTls,
+        make_session: Callable[[HubConnection, float], HubSession],
+        authorize: Callable[[DeviceIdentity], None],
+        limits: HubLimits | None = None,
+        clock: Clock = wall_clock,
+        tickets: TicketStore | None = None,
+    ) -> None:
+        self.limits = limits or HubLimits()
+        self._cfg = _base_config(False, self.limits.idle_timeout_s)
+        self._cfg.certificate = tls_files.cert
+        self._cfg.private_key = tls_files.key
+        self._roots = tls_files.device_roots
+        self._make_session = make_session
+        self._authorize = authorize
+        self._clock = clock
+        self.tickets = tickets or TicketStore()
+        self._by_cid: dict[bytes, HubConnection] = {}
+        self.connections: dict[int, HubConnection] = {}
+        self._ids = itertools.count(1)
+        self._dirty: set[HubConnection] = set()
+        self._timers: list[tuple[float, int]] = []
+        self._events: deque[HubEvent] = deque()
+        self._stateless: list[tuple[bytes, Address]] = []
+        self._out: list[tuple[bytes, Address]] = []
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("junk", "unknown_cid", "busy_refused", "auth_failed", "handshakes", "resumed"), 0
+        )
+        self.accepting = True
+
+    # -- datagrams in ---------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        """A UDP datagram from anyone: routed, or answered statelessly, or counted and dropped."""
+        try:
+            header = pull_quic_header(
+                Buffer(data=data), host_cid_length=self._cfg.connection_id_length
+            )
+        except ValueError:
+            self.counters["junk"] += 1
+            return
+        if (
+            header.packet_type != QuicPacketType.VERSION_NEGOTIATION
+            and header.version is not None
+            and header.version not in self._cfg.supported_versions
+        ):
+            vn = encode_quic_version_negotiation(
+                source_cid=header.destination_cid,
+                destination_cid=header.source_cid,
+                supported_versions=self._cfg.supported_versions,
+            )
+            self._stateless.append((vn, addr))
+            return
+        conn = self._by_cid.get(header.destination_cid)
+        if conn is None:
+            if header.packet_type != QuicPacketType.INITIAL or len(data) < 1200:
+                self.counters["unknown_cid"] += 1
+                return
+            conn = self._accept(header, data, addr, now)
+            if conn is None:
+                return
+        conn.quic.receive_datagram(data, addr, now)
+        self._after_input(conn, now)
+
+    def _accept(self, header: Any, data: bytes, addr: Address, now: float) -> HubConnection | None:
+        handshaking = sum(1 for c in self.connections.values() if not c.handshake_done)
+        full = len(self.connections) >= self.limits.max_connections
+        if not self.accepting or full or handshaking >= self.limits.max_handshakes:
+            self.counters["busy_refused"] += 1
+            code = ErrorCode.GOING_AWAY if not self.accepting else ErrorCode.BUSY
+            reason = f"{code.name.lower()}; retry-after-ms={self.limits.busy_retry_after_ms}"
+            self._stateless.append((_initial_close(header, reason), addr))
+            return None
+        conn_id = next(self._ids)
+        box: dict[str, HubConnection] = {}
+        quic = _HubQuic(
+            configuration=self._cfg,
+            original_destination_connection_id=header.destination_cid,
+            session_ticket_fetcher=lambda label: self._fetch_ticket(box["c"], label),
+            session_ticket_handler=lambda t: self._store_ticket(box["c"], t),
+        )
+        conn = HubConnection(conn_id, quic, addr)
+        box["c"] = conn
+        quic.on_tls_ready = lambda ctx: require_client_certificate(
+            ctx,
+            self._roots,
+            lambda ident: self._set_identity(conn, ident),
+            self._authorize,
+            self._clock,
+        )
+        self.connections[conn_id] = conn
+        self._register_cid(conn, header.destination_cid)
+        self._register_cid(conn, quic.host_cid)
+        return conn
+
+    def _fetch_ticket(self, conn: HubConnection, label: bytes) -> tls.SessionTicket | None:
+        entry = self.tickets.take(label)
+        if entry is None:
+            return None
+        ticket, identity = entry
+        try:
+            self._authorize(identity)  # a revoked device cannot come back on an old ticket
+        except Exception:
+            return None
+        # A PSK handshake has no Certificate message: stop asking for one.  The identity
+        # counts only once aioquic has really accepted the PSK (tls.session_resumed).
+        conn.quic.tls._request_client_certificate = False
+        conn.ticket_identity = identity
+        return ticket
+
+    def _store_ticket(self, conn: HubConnection, ticket: tls.SessionTicket) -> None:
+        if conn.identity is not None:
+            self.tickets.add(ticket, conn.identity)
+
+    def _set_identity(self, conn: HubConnection, identity: DeviceIdentity) -> None:
+        conn.identity = identity
+
+    # -- processing -------------------------------------------------------------
+
+    def _after_input(self, conn: HubConnection, now: float) -> None:
+        if conn.identity is None and conn.ticket_identity is not None:
+            tls_ctx = getattr(conn.quic, "tls", None)
+            if tls_ctx is not None and tls_ctx.session_resumed:
+                conn.identity, conn.resumed = conn.ticket_identity, True
+        while (ev := conn.quic.next_event()) is not None:
+            self._on_quic_event(conn, ev, now)
+        if conn.session is None and conn.identity is not None and not conn.closed:
+            conn.session = self._make_session(conn, now)
+            held, conn.held = conn.held, []
+            for sid, data in held:
+                self._on_stream_data(conn, sid, data, now)
+        self._flush_session(conn, now)
+
+    def _on_quic_event(self, conn: HubConnection, ev: qe.QuicEvent, now: float) -> None:
+        if isinstance(ev, qe.StreamDataReceived):
+            self._on_stream_data(conn, ev.stream_id, ev.data, now)
+        elif isinstance(ev, qe.DatagramFrameReceived):
+            self._on_datagram(conn, ev.data)
+        elif isinstance(ev, qe.HandshakeCompleted):
+            conn.handshake_done = True
+            self.counters["handshakes"] += 1
+            self.counters["resumed"] += int(ev.session_resumed)
+            if conn.identity is not None:
+                self._events.append(DeviceConnected(conn))
+            else:
+                self.counters["auth_failed"] += 1
+                reason = "no verified device identity"
+                conn.quic.close(error_code=int(ErrorCode.AUTH_FAILED), reason_phrase=reason)
+        elif isinstance(ev, qe.ConnectionIdIssued):
+            self._register_cid(conn, ev.connection_id)
+        elif isinstance(ev, qe.ConnectionIdRetired):
+            self._by_cid.pop(ev.connection_id, None)
+            conn.cids.discard(ev.connection_id)
+        elif isinstance(ev, qe.ConnectionTerminated):
+            self._terminated(conn, ev)
+
+    def _on_stream_data(self, conn: HubConnection, sid: int, data: bytes, now: float) -> None:
+        if conn.session is None:
+            if len(conn.held) >= self.limits.max_pending_frames:
+                conn.quic.close(int(ErrorCode.PROTOCOL_VIOLATION), reason_phrase="too early")
+                return
+            conn.held.append((sid, data))
+            return
+        reader = conn.readers.get(sid)
+        if reader is None:
+            if sid % 4 != 0 or len(conn.readers) >= _MAX_STREAMS:
+                conn.session.fail(ErrorCode.PROTOCOL_VIOLATION, f"unexpected stream {sid}")
+                return
+            reader = conn.readers[sid] = FrameReader(self.limits.max_frame_bytes)
+        try:
+            frames = reader.feed(data)
+        except WireError as exc:
+            conn.session.fail(exc.code, exc.reason)
+            return
+        for frame in frames:
+            conn.session.receive_frame(frame, now, len(data) // max(len(frames), 1))
+
+    def _on_datagram(self, conn: HubConnection, data: bytes) -> None:
+        if conn.session is None:
+            return
+        try:
+            conn.session.receive_heartbeat(decode_datagram(data))
+        except WireError as exc:
+            conn.session.fail(exc.code, exc.reason)
+
+    def _flush_session(self, conn: HubConnection, now: float) -> None:
+        session = conn.session
+        if session is not None:
+            for _, data in session.frames_to_send():
+                conn.quic.send_stream_data(0, data)
+            closing: SessionClosed | None = None
+            while (sev := session.next_event()) is not None:
+                if isinstance(sev, SessionClosed):
+                    closing = sev
+                self._events.append(DeviceEvent(conn, sev))
+            if closing is not None and not conn.closed:
+                self._dirty.add(conn)
+                self._out.extend(self._take(conn, now))  # the ERROR frame goes out first
+                conn.quic.close(error_code=int(closing.code), reason_phrase=closing.reason)
+        self._dirty.add(conn)
+        self._arm(conn)
+
+    def _arm(self, conn: HubConnection) -> None:
+        times = [conn.quic.get_timer()]
+        if conn.session is not None:
+            times.append(conn.session.get_timer())
+        t = min((x for x in times if x is not None), default=None)
+        if t is not None and t != conn.timer:
+            heapq.heappush(self._timers, (t, conn.conn_id))
+        conn.timer = t
+
+    def _terminated(self, conn: HubConnection, ev: qe.ConnectionTerminated) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        if conn.session is not None:
+            conn.session.close(ErrorCode.NO_ERROR, ev.reason_phrase or "")
+            while (sev := conn.session.next_event()) is not None:
+                self._events.append(DeviceEvent(conn, sev))
+        if not conn.handshake_done and ev.error_code >= QuicErrorCode.CRYPTO_ERROR:
+            self.counters["auth_failed"] += 1
+        self._events.append(DeviceDisconnected(conn, ev.error_code, ev.reason_phrase or ""))
+
+    def _register_cid(self, conn: HubConnection, cid: bytes) -> None:
+        self._by_cid[cid] = conn
+        conn.cids.add(cid)
+
+    def _forget(self, conn: HubConnection) -> None:
+        for cid in conn.cids:
+            if self._by_cid.get(cid) is conn:
+                del self._by_cid[cid]
+        self.connections.pop(conn.conn_id, None)
+        self._dirty.discard(conn)
+
+    # -- output and timers -------------------------------------------------------
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
+        """Every datagram due now, from every connection touched since the last call."""
+        out, self._stateless = self._stateless, []
+        out.extend(self._out)
+        self._out = []
+        dirty, self._dirty = self._dirty, set()
+        for conn in dirty:
+            out.extend(self._take(conn, now))
+        return out
+
+    def _take(self, conn: HubConnection, now: float) -> list[tuple[bytes, Address]]:
+        out = [(d, a) for d, a in conn.quic.datagrams_to_send(now)]
+        if conn.quic._state is QuicConnectionState.TERMINATED:
+            if not conn.closed:
+                self._terminated(conn, qe.ConnectionTerminated(0, None, "terminated"))
+            self._forget(conn)
+        else:
+            self._arm(conn)
+        return out
+
+    def get_timer(self) -> float | None:
+        """The earliest deadline over all connections."""
+        while self._timers:
+            t, cid = self._timers[0]
+            conn = self.connections.get(cid)
+            if conn is not None and conn.timer == t:
+                return t
+            heapq.heappop(self._timers)
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        """Run every connection whose deadline has passed (each once per call)."""
+        due: list[HubConnection] = []
+        while self._timers and self._timers[0][0] <= now:
+            t, cid = heapq.heappop(self._timers)
+            conn = self.connections.get(cid)
+            if conn is not None and conn.timer == t:
+                conn.timer = None
+                due.append(conn)
+        for conn in due:
+            qt = conn.quic.get_timer()
+            if qt is not None and qt <= now:
+                conn.quic.handle_timer(now)
+            if conn.session is not None:
+                st = conn.session.get_timer()
+                if st is not None and st <= now:
+                    conn.session.handle_timer(now)
+            self._after_input(conn, now)
+
+    def touch(self, conn: HubConnection, now: float) -> None:
+        """The shell changed a session from outside (a commit finished): flush its output."""
+        if not conn.closed:
+            self._flush_session(conn, now)
+
+    def close_connection(self, conn: HubConnection, code: ErrorCode, reason: str) -> None:
+        """Close one device connection with a typed code (revocation, shutdown, replaced)."""
+        if conn.closed:
+            return
+        if conn.session is not None:
+            conn.session.fail(code, reason)
+            self._flush_session(conn, 0.0)
+        else:
+            conn.quic.close(error_code=int(code), reason_phrase=reason)
+            self._dirty.add(conn)
+
+    def next_event(self) -> HubEvent | None:
+        """The next hub event."""
+        return self._events.popleft() if self._events else None
+
+
+class _HubQuic(QuicConnection):
+    """QuicConnection that lets the endpoint arm device authentication once TLS exists."""
+
+    on_tls_ready: Callable[[tls.Context], None] | None = None
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        if self.on_tls_ready is not None:
+            self.on_tls_ready(self.tls)
+
+
+def _initial_close(header: Any, reason: str) -> bytes:
+    """A stateless Initial packet closing a new connection (busy or draining) with a reason."""
+    crypto = CryptoPair()
+    crypto.setup_initial(cid=header.destination_cid, is_client=False, version=header.version)
+    builder = QuicPacketBuilder(
+        host_cid=os.urandom(8),
+        is_client=False,
+        max_datagram_size=1200,
+        peer_cid=header.source_cid,
+        version=header.version,
+    )
+    builder.start_packet(QuicPacketType.INITIAL, crypto)
+    phrase = reason.encode()[:200]
+    buf = builder.start_frame(QuicFrameType.TRANSPORT_CLOSE, capacity=16 + len(phrase))
+    buf.push_uint_var(QuicErrorCode.CONNECTION_REFUSED)
+    buf.push_uint_var(QuicFrameType.PADDING)
+    buf.push_uint_var(len(phrase))
+    buf.push_bytes(phrase)
+    datagrams, _ = builder.flush()
+    return bytes(datagrams[0])

@@ -1,0 +1,631 @@
+"""Session state machines for both ends of a Squall connection (sans-I/O: frames and ``now`` in).
+
+The edge core turns spooled records into DATA batches per lane (critical first),
+keeps a window of unacknowledged batches, retransmits on timeout and trims the
+spool only on ACK.  The hub core answers HELLO with what it holds (WELCOME), checks
+and de-duplicates batches, hands new records to ingest and acknowledges only what
+ingest reports committed; it paces the edge with cumulative CREDIT.
+
+Lane order: each batch names the lane's previous seq (``after``).  The hub accepts a
+batch only if it holds everything up to ``after``, so records reach the log in seq
+order per lane even over a link that reorders; a batch past a gap is dropped and the
+edge's retransmission fills the gap.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+from transport.batchcodec import Record, decode_batch, encode_batch
+from transport.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from transport.events import (
+    Acked,
+    BatchAccepted,
+    DuplicatesSkipped,
+    HeartbeatReceived,
+    HelloReceived,
+    PeerError,
+    SessionClosed,
+    SessionEvent,
+    Welcomed,
+)
+from transport.limits import INITIAL_CREDIT, MAX_BATCH_RECORDS
+from transport.wire import (
+    LANES,
+    Ack,
+    Credit,
+    Data,
+    Error,
+    Frame,
+    Heartbeat,
+    Hello,
+    Welcome,
+    encode_frame,
+    encode_heartbeat,
+)
+
+CONTROL = -1  # channel id of the control stream; lanes use their Lane value
+
+
+class Outbox(Protocol):
+    """What the edge session needs from the spool."""
+
+    def acked_mark(self, lane: int) -> int:
+        """Highest seq the edge knows the hub holds in ``lane``."""
+
+    def pending_info(self, lane: int, after: int) -> tuple[int, float | None]:
+        """(count, accept time of the oldest) of records in ``lane`` with seq > ``after``."""
+
+    def pending(self, lane: int, after: int, limit: int) -> list[Record]:
+        """Up to ``limit`` records of ``lane`` with seq > ``after``, in seq order."""
+
+    def acked(self, lane: int, upto: int) -> None:
+        """The hub holds ``lane`` up to ``upto``: trim the spool."""
+
+
+@dataclass(slots=True)
+class SenderConfig:
+    """Batching and windowing knobs of the edge session."""
+
+    batch_max_records: int = 100
+    linger_s: float = 0.05
+    window_records: int = 2000  # unacknowledged records per lane
+    rto_s: float = 15.0  # retransmit safety net; QUIC streams are reliable within a connection
+    rto_max_s: float = 60.0
+    heartbeat_s: float = 10.0
+    welcome_timeout_s: float = 15.0  # no WELCOME by then: the session is dead, reconnect
+    compress: bool = True
+
+
+@dataclass(slots=True)
+class _Inflight:
+    after: int
+    first: int
+    last: int
+    count: int
+    frame: bytes
+    sent_at: float
+
+
+@dataclass(slots=True)
+class _EdgeLane:
+    cursor: int  # last seq put on the wire (or the chain base)
+    inflight: deque[_Inflight] = field(default_factory=deque)
+    rto: float = 0.0
+
+    @property
+    def inflight_records(self) -> int:
+        return sum(b.count for b in self.inflight)
+
+
+class EdgeState(Enum):
+    """Edge session states."""
+
+    HELLO_SENT = "hello-sent"
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+class _Core:
+    """Output queues and the event queue shared by both session cores."""
+
+    def __init__(self) -> None:
+        self._frames: list[tuple[int, bytes]] = []
+        self._datagrams: list[bytes] = []
+        self._events: deque[SessionEvent] = deque()
+
+    def frames_to_send(self) -> list[tuple[int, bytes]]:
+        """(channel, frame bytes) to write, in order; channel is CONTROL or a lane."""
+        out, self._frames = self._frames, []
+        return out
+
+    def datagrams_to_send(self) -> list[bytes]:
+        """Heartbeat datagrams to send (best effort)."""
+        out, self._datagrams = self._datagrams, []
+        return out
+
+    def next_event(self) -> SessionEvent | None:
+        """The next event for the shell, or None."""
+        return self._events.popleft() if self._events else None
+
+    def _send(self, channel: int, frame: Frame) -> None:
+        self._frames.append((channel, encode_frame(frame)))
+
+
+class EdgeSession(_Core):
+    """One connection's worth of sending from the spool to the hub."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        incarnation: int,
+        now: float,
+        config: SenderConfig | None = None,
+        stats: Callable[[], dict[str, Any]] | None = None,
+        agent: str = "squall-edge",
+    ) -> None:
+        super().__init__()
+        self.config = config or SenderConfig()
+        self.state = EdgeState.HELLO_SENT
+        self._outbox = outbox
+        self._stats = stats
+        self.incarnation = incarnation
+        self._lanes = {lane: _EdgeLane(outbox.acked_mark(lane)) for lane in LANES}
+        for lane in self._lanes.values():
+            lane.rto = self.config.rto_s
+        self._credit = INITIAL_CREDIT
+        self._sent_new = 0
+        self._linger_at: float | None = None
+        self._next_heartbeat = now
+        self._welcome_deadline = now + self.config.welcome_timeout_s
+        self.retransmitted = 0
+        acked = {int(k): v.cursor for k, v in self._lanes.items() if v.cursor}
+        hb_ms = int(self.config.heartbeat_s * 1000)
+        self._send(CONTROL, Hello(incarnation, agent, hb_ms, acked))
+
+    # -- input ---------------------------------------------------------------
+
+    def receive_frame(self, frame: Frame, now: float) -> None:
+        """A frame from the hub on the control stream."""
+        if self.state is EdgeState.CLOSED:
+            return
+        try:
+            self._on_frame(frame, now)
+        except ProtocolError as exc:
+            self._fail(exc.code, exc.reason)
+
+    def _on_frame(self, frame: Frame, now: float) -> None:
+        if isinstance(frame, Welcome):
+            self._on_welcome(frame, now)
+        elif isinstance(frame, Ack):
+            if self.state is EdgeState.ESTABLISHED:  # an ACK overtaking WELCOME is stale anyway
+                for lane, upto in frame.held.items():
+                    self._on_ack(lane, upto)
+        elif isinstance(frame, Credit):
+            self._credit = max(self._credit, frame.limit)
+        elif isinstance(frame, Error):
+            self._events.append(PeerError(frame.code, frame.reason, frame.retry_after_ms))
+        else:
+            raise RemoteProtocolError(
+                ErrorCode.PROTOCOL_VIOLATION, f"hub sent {type(frame).__name__}"
+            )
+        self.poll(now)
+
+    def _on_welcome(self, w: Welcome, now: float) -> None:
+        if self.state is not EdgeState.HELLO_SENT:
+            return  # the hub repeats WELCOME when it sees HELLO again; the first one counts
+        if w.incarnation != self.incarnation:
+            raise RemoteProtocolError(
+                ErrorCode.PROTOCOL_VIOLATION, "WELCOME for another incarnation"
+            )
+        self.state = EdgeState.ESTABLISHED
+        self._credit = w.credit
+        for lane_id, lane in self._lanes.items():
+            held = w.held.get(lane_id, 0)
+            self._on_ack(lane_id, held)
+            chain_start = lane.inflight[0].after if lane.inflight else lane.cursor
+            if held < chain_start:
+                # The hub holds less than we sent against (it lost data or is another
+                # hub): restart this lane's chain from what it holds.
+                lane.inflight.clear()
+                lane.cursor = held
+        self._next_heartbeat = now
+        self._events.append(Welcomed(dict(w.held), w.credit, w.hub_time_us))
+
+    def _on_ack(self, lane_id: int, upto: int) -> None:
+        lane = self._lanes.get(lane_id)  # type: ignore[call-overload]
+        if lane is None:
+            return
+        acked = 0
+        while lane.inflight and lane.inflight[0].last <= upto:
+            acked += lane.inflight.popleft().count
+            lane.rto = self.config.rto_s
+        if upto > self._outbox.acked_mark(lane_id):
+            self._outbox.acked(lane_id, upto)
+            self._events.append(Acked(lane_id, upto, acked))
+        if not lane.inflight:
+            lane.cursor = max(lane.cursor, upto)
+
+    # -- output --------------------------------------------------------------
+
+    def poll(self, now: float) -> None:
+        """Put whatever the window, credit and linger allow on the wire, critical lane first."""
+        if self.state is EdgeState.CLOSED:
+            return
+        self._linger_at = None
+        for lane_id in LANES:
+            self._fill_lane(lane_id, self._lanes[lane_id], now)
+
+    def _fill_lane(self, lane_id: int, lane: _EdgeLane, now: float) -> None:
+        cfg = self.config
+        while True:
+            room = min(
+                cfg.window_records - lane.inflight_records,
+                self._credit - self._sent_new,
+                cfg.batch_max_records,
+                MAX_BATCH_RECORDS,
+            )
+            if room <= 0:
+                return
+            count, oldest = self._outbox.pending_info(lane_id, lane.cursor)
+            if count == 0 or oldest is None:
+                return
+            if count < min(room, cfg.batch_max_records) and now < oldest + cfg.linger_s:
+                due = oldest + cfg.linger_s
+                self._linger_at = due if self._linger_at is None else min(self._linger_at, due)
+                return
+            records = self._outbox.pending(lane_id, lane.cursor, room)
+            if not records:
+                return
+            self._send_batch(lane_id, lane, records, now)
+
+    def _send_batch(self, lane_id: int, lane: _EdgeLane, records: list[Record], now: float) -> None:
+        codec, payload = encode_batch(records, compress=self.config.compress)
+        data = Data(
+            lane_id, lane.cursor, records[0].seq, len(records), codec, payload, self._sent_new
+        )
+        frame = encode_frame(data)
+        lane.inflight.append(
+            _Inflight(lane.cursor, records[0].seq, records[-1].seq, len(records), frame, now)
+        )
+        lane.cursor = records[-1].seq
+        self._sent_new += len(records)
+        self._frames.append((lane_id, frame))
+
+    # -- timers --------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        """The one deadline this core needs, or None."""
+        if self.state is EdgeState.CLOSED:
+            return None
+        times = [b.inflight[0].sent_at + b.rto for b in self._lanes.values() if b.inflight]
+        if self._linger_at is not None:
+            times.append(self._linger_at)
+        if self.state is EdgeState.ESTABLISHED and self._stats is not None:
+            times.append(self._next_heartbeat)
+        if self.state is EdgeState.HELLO_SENT:
+            times.append(self._welcome_deadline)
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        """Retransmit overdue batches, send a due heartbeat, flush lingering batches."""
+        if self.state is EdgeState.CLOSED:
+            return
+        if self.state is EdgeState.HELLO_SENT and now >= self._welcome_deadline:
+            self.close(ErrorCode.IDLE_TIMEOUT, "no WELCOME from the hub")
+            return
+        for lane_id, lane in self._lanes.items():
+            if lane.inflight and now >= lane.inflight[0].sent_at + lane.rto:
+                self._retransmit(lane_id, lane, now)
+        if self.state is EdgeState.ESTABLISHED and self._stats and now >= self._next_heartbeat:
+            self._datagrams.append(encode_heartbeat(Heartbeat(self._stats())))
+            self._next_heartbeat = now + self.config.heartbeat_s
+        self.poll(now)
+
+    def _retransmit(self, lane_id: int, lane: _EdgeLane, now: float) -> None:
+        for batch in lane.inflight:
+            batch.sent_at = now
+            self._frames.append((lane_id, batch.frame))
+            self.retransmitted += batch.count
+        lane.rto = min(lane.rto * 2, self.config.rto_max_s)
+
+    def unacked(self, lane: int) -> int:
+        """Records of ``lane`` on the wire and not yet acknowledged."""
+        return self._lanes[lane].inflight_records  # type: ignore[index]
+
+    def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """End the session locally."""
+        if self.state is not EdgeState.CLOSED:
+            self.state = EdgeState.CLOSED
+            self._events.append(SessionClosed(code, reason))
+
+    def _fail(self, code: ErrorCode, reason: str) -> None:
+        self._send(CONTROL, Error(code, reason))
+        self.close(code, reason)
+
+
+# --- hub ---------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class LaneLedger:
+    """The hub's authoritative order state of one (device, incarnation) lane."""
+
+    accepted: int = 0  # highest seq handed to ingest (committed or in a pending commit)
+    committed: int = 0  # highest seq durable in the log
+
+
+@dataclass(slots=True)
+class DeviceLedger:
+    """Per (device, incarnation) state shared by all sessions of that device."""
+
+    incarnation: int
+    lanes: dict[int, LaneLedger] = field(
+        default_factory=lambda: {int(x): LaneLedger() for x in LANES}
+    )
+
+    def held(self) -> dict[int, int]:
+        """Committed mark per lane (what WELCOME and ACK report)."""
+        return {k: v.committed for k, v in self.lanes.items() if v.committed}
+
+
+@dataclass(slots=True)
+class HubSessionConfig:
+    """Per-device limits the hub applies to a session."""
+
+    window_records: int = 8000  # credit granted beyond what the device has sent
+    records_per_s: float = 0.0  # 0: unlimited
+    bytes_per_s: float = 0.0
+    burst_s: float = 2.0  # bucket depth in seconds of rate
+    heartbeat_ms: int = 10_000
+    max_early_frames: int = 64  # DATA frames held while waiting for HELLO
+
+
+class HubState(Enum):
+    """Hub session states."""
+
+    AWAIT_HELLO = "await-hello"
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+class TokenBucket:
+    """Classic token bucket with time passed in; may go negative to carry debt."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.capacity = max(rate * burst, 1.0)
+        self.tokens = self.capacity
+        self._at = now
+
+    def refill(self, now: float) -> float:
+        """Tokens available at ``now``."""
+        if self.rate > 0:
+            self.tokens = min(self.capacity, self.tokens + (now - self._at) * self.rate)
+        self._at = now
+        return self.tokens
+
+    def when(self, amount: float) -> float:
+        """Seconds from the last refill until ``amount`` tokens are there."""
+        return max(0.0, (amount - self.tokens) / self.rate) if self.rate > 0 else 0.0
+
+
+class HubSession(_Core):
+    """The hub's side of one device connection."""
+
+    def __init__(
+        self,
+        tenant: str,
+        device: str,
+        ledger_for: Callable[[int], DeviceLedger],
+        now: float,
+        config: HubSessionConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.tenant = tenant
+        self.device = device
+        self.prefix = f"{tenant}.{device}."
+        self.config = config or HubSessionConfig()
+        self.state = HubState.AWAIT_HELLO
+        self._ledger_for = ledger_for
+        self.ledger: DeviceLedger | None = None
+        self._early: list[tuple[Data, int]] = []
+        self._granted = INITIAL_CREDIT
+        self._seen_new = 0  # credit the edge has used: highest DATA offset + count
+        self._acked = {int(x): 0 for x in LANES}
+        self._ack_due = False
+        cfg = self.config
+        self._records = TokenBucket(cfg.records_per_s, cfg.burst_s, now)
+        self._bytes = TokenBucket(cfg.bytes_per_s, cfg.burst_s, now)
+        self._credit_at: float | None = None
+        self.duplicates = 0
+        self.out_of_order = 0
+
+    def receive_frame(self, frame: Frame, now: float, wire_bytes: int = 0) -> None:
+        """A frame from the edge on any stream."""
+        if self.state is HubState.CLOSED:
+            return
+        try:
+            self._on_frame(frame, now, wire_bytes)
+        except ProtocolError as exc:
+            self.fail(exc.code, exc.reason)
+
+    def receive_heartbeat(self, hb: Heartbeat) -> None:
+        """A heartbeat datagram (ignored before HELLO)."""
+        if self.state is HubState.ESTABLISHED:
+            self._events.append(HeartbeatReceived(hb.stats))
+            self._send(CONTROL, Credit(self._granted))  # repairs a CREDIT lost or reordered
+
+    def _on_frame(self, frame: Frame, now: float, wire_bytes: int) -> None:
+        if isinstance(frame, Hello):
+            self._on_hello(frame, now)
+        elif isinstance(frame, Data):
+            if self.state is HubState.AWAIT_HELLO:
+                if len(self._early) >= self.config.max_early_frames:
+                    raise RemoteProtocolError(
+                        ErrorCode.PROTOCOL_VIOLATION, "too much DATA before HELLO"
+                    )
+                self._early.append((frame, wire_bytes))
+            else:
+                self._on_data(frame, now, wire_bytes)
+        elif isinstance(frame, Error):
+            self._events.append(PeerError(frame.code, frame.reason, frame.retry_after_ms))
+            self.close(frame.code, f"edge: {frame.reason}")
+        else:
+            raise RemoteProtocolError(
+                ErrorCode.PROTOCOL_VIOLATION, f"edge sent {type(frame).__name__}"
+            )
+
+    def _on_hello(self, hello: Hello, now: float) -> None:
+        if self.state is not HubState.AWAIT_HELLO:
+            if self.ledger is None or hello.incarnation != self.ledger.incarnation:
+                raise RemoteProtocolError(ErrorCode.PROTOCOL_VIOLATION, "second HELLO")
+            self._send_welcome(now)  # a repeated HELLO is answered again, idempotently
+            return
+        self.ledger = self._ledger_for(hello.incarnation)
+        self.state = HubState.ESTABLISHED
+        held = self.ledger.held()
+        self._acked.update(held)
+        self._grant(now, force=True)
+        self._send(
+            CONTROL,
+            Welcome(
+                hello.incarnation, held, self._granted, self.config.heartbeat_ms, int(now * 1e6)
+            ),
+        )
+        self._events.append(HelloReceived(hello.incarnation, hello.agent))
+        early, self._early = self._early, []
+        for data, wire_bytes in early:
+            self._on_data(data, now, wire_bytes)
+
+    def _send_welcome(self, now: float) -> None:
+        assert self.ledger is not None
+        held = self.ledger.held()
+        self._acked.update(held)
+        hb = self.config.heartbeat_ms
+        welcome = Welcome(self.ledger.incarnation, held, self._granted, hb, int(now * 1e6))
+        self._send(CONTROL, welcome)
+
+    def _on_data(self, data: Data, now: float, wire_bytes: int) -> None:
+        assert self.ledger is not None
+        lane = self.ledger.lanes[data.lane]
+        last = data.first_seq + data.count - 1
+        self._seen_new = max(self._seen_new, data.offset + data.count)
+        if self._seen_new > self._granted:
+            raise RemoteProtocolError(ErrorCode.PROTOCOL_VIOLATION, "sent beyond CREDIT")
+        self._bytes.refill(now)
+        self._bytes.tokens -= wire_bytes
+        if data.after > lane.accepted:
+            self.out_of_order += 1  # a gap: the retransmission of what precedes fills it
+            return
+        if last <= lane.accepted:
+            self._skip_duplicates(data.lane, data.count)
+            return
+        records = decode_batch(data.codec, data.payload, data.first_seq, data.count)
+        self._check_subjects(records)
+        payload: bytes | None = data.payload
+        if records[0].seq <= lane.accepted:
+            fresh = [r for r in records if r.seq > lane.accepted]
+            self._skip_duplicates(data.lane, len(records) - len(fresh))
+            records, payload = fresh, None
+        lane.accepted = records[-1].seq
+        self._events.append(
+            BatchAccepted(
+                data.lane, self.ledger.incarnation, records, data.codec, payload, wire_bytes
+            )
+        )
+
+    def _skip_duplicates(self, lane: int, count: int) -> None:
+        self.duplicates += count
+        self._events.append(DuplicatesSkipped(lane, count))
+        self._ack_due = True  # tell the edge again what we hold
+
+    def _check_subjects(self, records: list[Record]) -> None:
+        prefix = self.prefix
+        for subject in {r.subject for r in records}:
+            if not subject.startswith(prefix) or len(subject) == len(prefix):
+                raise RemoteProtocolError(
+                    ErrorCode.SUBJECT_FORBIDDEN, f"subject {subject[:80]!r} is outside {prefix}>"
+                )
+            tail = subject[len(prefix) :]
+            if "*" in tail or ">" in tail or "" in tail.split(".") or " " in tail:
+                raise RemoteProtocolError(
+                    ErrorCode.SUBJECT_FORBIDDEN, f"bad subject {subject[:80]!r}"
+                )
+
+    # -- commit feedback and credit -----------------------------------------
+
+    def on_committed(self, now: float) -> None:
+        """Ingest made the ledger's ``committed`` marks durable: acknowledge and re-grant credit."""
+        if self.state is not HubState.ESTABLISHED or self.ledger is None:
+            return
+        self._ack_due = True
+        self.flush(now)
+
+    def on_commit_failed(self, reason: str) -> None:
+        """Ingest could not commit: roll back what was accepted and end the session."""
+        if self.ledger is not None:
+            for lane in self.ledger.lanes.values():
+                lane.accepted = lane.committed
+        self.fail(ErrorCode.INTERNAL, f"commit failed: {reason}")
+
+    def flush(self, now: float) -> None:
+        """Queue an ACK for what changed and any credit now due."""
+        if self.state is not HubState.ESTABLISHED or self.ledger is None:
+            return
+        if self._ack_due:
+            held = self.ledger.held()
+            self._acked.update(held)
+            self._send(CONTROL, Ack(held))
+            self._ack_due = False
+        self._grant(now)
+
+    def _grant(self, now: float, force: bool = False) -> None:
+        want = self._seen_new + self.config.window_records - self._granted
+        if want <= 0:
+            return
+        if want < self.config.window_records // 4 and not force:
+            return  # grant in chunks, not per record
+        allowed = float(want)
+        if self._records.rate > 0:
+            allowed = min(allowed, max(0.0, self._records.refill(now)))
+        if self._bytes.rate > 0 and self._bytes.refill(now) < 0:
+            allowed = 0.0
+        self._credit_at = None
+        if allowed >= 1:
+            self._records.tokens -= int(allowed)
+            self._granted += int(allowed)
+            if not force:
+                self._send(CONTROL, Credit(self._granted))
+        if self._granted < self._seen_new + self.config.window_records:
+            self._credit_at = now + max(
+                self._records.when(1.0), self._bytes.when(0.0) if self._bytes.rate else 0.0, 0.05
+            )
+
+    def get_timer(self) -> float | None:
+        """The one deadline this core needs (a withheld credit grant), or None."""
+        return self._credit_at if self.state is HubState.ESTABLISHED else None
+
+    def handle_timer(self, now: float) -> None:
+        """Grant credit that the rate limits now allow."""
+        if self._credit_at is not None and now >= self._credit_at:
+            self._credit_at = None
+            self._grant(now)
+
+    @property
+    def granted(self) -> int:
+        """Cumulative credit granted so far."""
+        return self._granted
+
+    def fail(self, code: ErrorCode, reason: str, retry_after_ms: int = 0) -> None:
+        """Send ERROR and close (the shell closes the QUIC connection on SessionClosed)."""
+        if self.state is HubState.CLOSED:
+            return
+        self._send(CONTROL, Error(code, reason, retry_after_ms))
+        self.close(code, reason)
+
+    def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """End the session locally."""
+        if self.state is not HubState.CLOSED:
+            self.state = HubState.CLOSED
+            self._events.append(SessionClosed(code, reason))
+
+
+__all__ = [
+    "CONTROL",
+    "DeviceLedger",
+    "EdgeSession",
+    "EdgeState",
+    "HubSession",
+    "HubSessionConfig",
+    "HubState",
+    "LaneLedger",
+    "LocalProtocolError",
+    "Outbox",
+    "SenderConfig",
+    "TokenBucket",
+]
