@@ -21,7 +21,13 @@ from enum import Enum
 from typing import Any, Protocol
 
 from transport.batchcodec import Record, decode_batch, encode_batch
-from transport.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from transport.errors import (
+    ErrorCode,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    WireError,
+)
 from transport.events import (
     Acked,
     BatchAccepted,
@@ -264,7 +270,15 @@ class EdgeSession(_Core):
             self._send_batch(lane_id, lane, records, now)
 
     def _send_batch(self, lane_id: int, lane: _EdgeLane, records: list[Record], now: float) -> None:
-        codec, payload = encode_batch(records, compress=self.config.compress)
+        try:
+            codec, payload = encode_batch(records, compress=self.config.compress)
+        except WireError as exc:
+            if exc.code is not ErrorCode.LIMIT_EXCEEDED or len(records) == 1:
+                raise
+            half = len(records) // 2  # large records: split until a batch fits the limit
+            self._send_batch(lane_id, lane, records[:half], now)
+            self._send_batch(lane_id, lane, records[half:], now)
+            return
         data = Data(
             lane_id, lane.cursor, records[0].seq, len(records), codec, payload, self._sent_new
         )
@@ -312,6 +326,11 @@ class EdgeSession(_Core):
             self._frames.append((lane_id, batch.frame))
             self.retransmitted += batch.count
         lane.rto = min(lane.rto * 2, self.config.rto_max_s)
+
+    def inflight_mark(self, lane: int) -> int:
+        """Highest seq of ``lane`` on the wire (the spool must not evict up to it), or 0."""
+        q = self._lanes[lane]  # type: ignore[index]
+        return q.inflight[-1].last if q.inflight else 0
 
     def unacked(self, lane: int) -> int:
         """Records of ``lane`` on the wire and not yet acknowledged."""
@@ -466,6 +485,8 @@ class HubSession(_Core):
                 raise RemoteProtocolError(ErrorCode.PROTOCOL_VIOLATION, "second HELLO")
             self._send_welcome(now)  # a repeated HELLO is answered again, idempotently
             return
+        if hello.incarnation == 0:  # reserved for records the hub itself publishes
+            raise RemoteProtocolError(ErrorCode.BAD_FIELD, "incarnation 0 is reserved")
         self.ledger = self._ledger_for(hello.incarnation)
         self.state = HubState.ESTABLISHED
         held = self.ledger.held()
