@@ -1,0 +1,50 @@
+"""``squall edge --config edge.yaml``: run an edge agent until SIGTERM (clean, loses nothing)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from edge.config import EdgeConfig, load_edge_config
+from transport.errors import SquallError
+
+
+def cli_edge(argv: list[str]) -> int:
+    """Entry point; exit 0 after a clean shutdown, 2 on a configuration error."""
+    ap = argparse.ArgumentParser(prog="squall edge", description=__doc__)
+    ap.add_argument("--config", required=True, help="edge YAML (see config/edge.yaml)")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    try:
+        cfg = load_edge_config(args.config)
+    except SquallError as exc:
+        print(f"squall edge: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_run(cfg))
+    except SquallError as exc:
+        print(f"squall edge: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _run(cfg: EdgeConfig) -> int:
+    from edge.agent import Agent
+    from edge.inputs import start_inputs
+
+    agent = Agent(cfg)
+    agent.start()
+    inputs = await start_inputs(agent, cfg.inputs)
+    print(f"squall edge: {agent.prefix} -> {', '.join(cfg.hubs)}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    await stop.wait()
+    await inputs.stop()
+    await agent.stop()
+    print("squall edge: stopped cleanly", flush=True)
+    return 0
