@@ -10,8 +10,8 @@ from collections.abc import Callable
 # subcommand -> (summary, "module:function" taking argv and returning an exit code, or None
 # with the reason it is not available yet)
 _COMMANDS: dict[str, tuple[str, str | None, str]] = {
-    "hub": ("run the hub (QUIC ingest, durable log, HTTP API)", None, "the hub (issue 4)"),
-    "edge": ("run an edge agent (spool, sender, inputs)", None, "the edge agent (issue 3)"),
+    "hub": ("run the hub (QUIC ingest, durable log, HTTP API)", "hub.main:cli_hub", ""),
+    "edge": ("run an edge agent (spool, sender, inputs)", "edge.main:cli_edge", ""),
     "link": ("run the UDP link-impairment proxy", None, "the link proxy (issue 6)"),
     "fleet": ("simulate a fleet of vehicles against a hub", None, "the fleet simulator (issue 6)"),
     "demo": ("run the end-to-end demo (what `make demo` runs)", None, "the demo (issue 6)"),

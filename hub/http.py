@@ -1,0 +1,163 @@
+"""The hub's HTTP API (aiohttp): health, readiness, Prometheus metrics, devices, revocation.
+
+Bound to 127.0.0.1 by default.  Everything but /healthz and /readyz needs
+``Authorization: Bearer <token>`` with the token from hub.yaml; with no token configured
+those endpoints refuse every request (401) rather than run open.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from hub.server import Hub
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class HubCollector:
+    """Reads the hub's plain counters at scrape time (no per-record metric calls)."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self._buckets = [0] * len(_BUCKETS)
+        self._sum = 0.0
+        self._count = 0
+
+    def collect(self) -> Iterator[Metric]:
+        """prometheus_client collector protocol."""
+        hub = self.hub
+        c = hub.counters
+        ep = hub.endpoint.counters
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, value=value)
+
+        yield GaugeMetricFamily(
+            "squall_hub_sessions", "Live device sessions", value=len(hub.endpoint.connections)
+        )
+        hs = CounterMetricFamily("squall_hub_handshakes", "Completed handshakes", labels=["kind"])
+        hs.add_metric(["fresh"], c["handshakes_fresh"])
+        hs.add_metric(["resumed"], c["handshakes_resumed"])
+        yield hs
+        yield counter("squall_hub_records_in", "Records accepted from devices", c["records_in"])
+        yield counter("squall_hub_records_committed", "Records committed", c["records_committed"])
+        yield counter("squall_hub_bytes_in", "DATA bytes received", c["bytes_in"])
+        yield counter("squall_hub_duplicates", "Duplicate records not stored", c["duplicates"])
+        yield counter("squall_hub_commits", "Group commits", c["commits"])
+        yield counter("squall_hub_junk_datagrams", "Datagrams that are not QUIC", ep["junk"])
+        yield counter(
+            "squall_hub_unknown_cid_datagrams", "Datagrams for no connection", ep["unknown_cid"]
+        )
+        yield counter("squall_hub_busy_refused", "Connections refused as busy", ep["busy_refused"])
+        yield counter("squall_hub_auth_failed", "Refused device authentications", ep["auth_failed"])
+        yield counter(
+            "squall_hub_revoked_closed", "Sessions closed by revocation", c["revoked_closed"]
+        )
+        errors = CounterMetricFamily("squall_hub_errors", "Session errors by code", labels=["code"])
+        for code, n in sorted(hub.errors.items()):
+            errors.add_metric([code], n)
+        yield errors
+        pres = GaugeMetricFamily(
+            "squall_hub_presence_devices", "Devices by presence", labels=["state"]
+        )
+        for state, n in hub.presence.counts().items():
+            pres.add_metric([state], n)
+        yield pres
+        yield self._commit_histogram()
+
+    def _commit_histogram(self) -> HistogramMetricFamily:
+        samples, self.hub.commit_seconds = self.hub.commit_seconds, []
+        for s in samples:
+            self._sum += s
+            self._count += 1
+            for i, b in enumerate(_BUCKETS):
+                if s <= b:
+                    self._buckets[i] += 1
+        cumulative = [(str(b), n) for b, n in zip(_BUCKETS, self._buckets, strict=True)]
+        cumulative.append(("+Inf", self._count))
+        return HistogramMetricFamily(
+            "squall_hub_commit_seconds",
+            "Group commit latency",
+            buckets=cumulative,
+            sum_value=self._sum,
+        )
+
+
+def make_app(hub: Hub) -> web.Application:
+    """The aiohttp application for ``hub``."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(HubCollector(hub))
+    token = hub.config.http.token
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in ("/healthz", "/readyz"):
+            return await handler(request)
+        given = request.headers.get("Authorization", "")
+        if not token:
+            return _error(401, "no API token is configured on this hub (http.token)")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return _error(401, "missing or wrong bearer token")
+        return await handler(request)
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(request: web.Request) -> web.Response:
+        return web.Response(text="ready\n") if hub.ready else _error(503, "not ready")
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), content_type="text/plain")
+
+    async def devices(request: web.Request) -> web.Response:
+        return web.json_response({"devices": hub.device_list()})
+
+    async def device(request: web.Request) -> web.Response:
+        key = (request.match_info["tenant"], request.match_info["device"])
+        info = hub.presence.devices.get(key)
+        if info is None:
+            return _error(404, f"no device {key[0]}/{key[1]}")
+        import time
+
+        return web.json_response(info.as_json(time.time()))
+
+    async def reload(request: web.Request) -> web.Response:
+        n = hub.reload_deny_list()
+        return web.json_response({"denied": n})
+
+    app = web.Application(middlewares=[auth], client_max_size=64 * 1024)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/devices", devices)
+    app.router.add_get("/v1/devices/{tenant}/{device}", device)
+    app.router.add_post("/v1/revocations/reload", reload)
+    return app
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def start_http(hub: Hub) -> tuple[web.AppRunner, int]:
+    """Serve the API on the configured address; returns the runner and the bound port."""
+    host, _, port = hub.config.http.listen.rpartition(":")
+    runner = web.AppRunner(make_app(hub), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host.strip("[]") or "127.0.0.1", int(port))
+    await site.start()
+    server: Any = site._server
+    bound = int(server.sockets[0].getsockname()[1])
+    return runner, bound

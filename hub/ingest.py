@@ -1,0 +1,85 @@
+"""Group commit (sans-I/O): many devices' accepted batches share one log transaction.
+
+Sessions hand over ``BatchAccepted`` events; the shell asks ``due(now)`` / ``deadline()``
+when to commit, takes the group, writes it to the log in one transaction, and reports
+back with ``committed`` (ledgers advance, sessions ACK) or ``failed`` (sessions roll back
+what they accepted and close; the edges resend).  Bounded: a group closes at
+``max_records`` or after ``max_delay_s``, whichever comes first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from transport.events import BatchAccepted
+from transport.session import DeviceLedger
+
+K = TypeVar("K")
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted(Generic[K]):
+    """One batch waiting for its group commit."""
+
+    key: K  # the shell's handle on the session (its connection)
+    tenant: str
+    device: str
+    ledger: DeviceLedger
+    batch: BatchAccepted
+    received_at: float
+
+
+class GroupCommit(Generic[K]):
+    """Collects accepted batches; decides when a group is due."""
+
+    def __init__(self, max_delay_s: float = 0.005, max_records: int = 20_000) -> None:
+        self.max_delay_s = max_delay_s
+        self.max_records = max_records
+        self._items: list[Accepted[K]] = []
+        self._records = 0
+        self._opened_at: float | None = None
+
+    def add(self, item: Accepted[K], now: float) -> None:
+        """Queue one batch for the next group."""
+        if not self._items:
+            self._opened_at = now
+        self._items.append(item)
+        self._records += len(item.batch.records)
+
+    def deadline(self) -> float | None:
+        """When the open group must be committed, or None if there is none."""
+        return None if self._opened_at is None else self._opened_at + self.max_delay_s
+
+    def due(self, now: float) -> bool:
+        """True when the open group should be committed now."""
+        if not self._items:
+            return False
+        assert self._opened_at is not None
+        return self._records >= self.max_records or now >= self._opened_at + self.max_delay_s
+
+    def take(self) -> list[Accepted[K]]:
+        """Close the group and hand it over for writing."""
+        items, self._items = self._items, []
+        self._records = 0
+        self._opened_at = None
+        return items
+
+    @staticmethod
+    def committed(items: list[Accepted[K]]) -> set[K]:
+        """The group is durable: advance the ledgers; returns the sessions to acknowledge."""
+        for it in items:
+            lane = it.ledger.lanes[it.batch.lane]
+            lane.committed = max(lane.committed, it.batch.records[-1].seq)
+        return {it.key for it in items}
+
+    @staticmethod
+    def failed(items: list[Accepted[K]]) -> set[K]:
+        """The write failed: roll accepted marks back to what is durable."""
+        for it in items:
+            lane = it.ledger.lanes[it.batch.lane]
+            lane.accepted = lane.committed
+        return {it.key for it in items}
+
+    def __len__(self) -> int:
+        return len(self._items)

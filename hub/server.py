@@ -1,0 +1,332 @@
+"""The hub's asyncio shell: QUIC endpoint, group commit to the durable log, presence, revocation.
+
+The decisions live in sans-I/O cores (``transport.quic.HubEndpoint``, ``HubSession``,
+``hub.ingest.GroupCommit``, ``hub.presence.Presence``); this module pumps them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from hub.config import HubConfig
+from hub.ingest import Accepted, GroupCommit
+from hub.log import Log, LogError, PendingBatch
+from hub.presence import Presence, PresenceChange
+from transport import certs
+from transport.aio import UdpDriver, open_driver
+from transport.certs import DeviceIdentity
+from transport.errors import AuthError, ErrorCode
+from transport.events import (
+    BatchAccepted,
+    DuplicatesSkipped,
+    HeartbeatReceived,
+    SessionClosed,
+)
+from transport.quic import (
+    DeviceConnected,
+    DeviceDisconnected,
+    DeviceEvent,
+    HubConnection,
+    HubEndpoint,
+    HubLimits,
+    HubTls,
+)
+from transport.session import DeviceLedger, HubSession, HubSessionConfig
+
+log = logging.getLogger("squall.hub")
+
+
+def _parse_addr(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class Hub:
+    """One hub process on one UDP port."""
+
+    def __init__(self, config: HubConfig) -> None:
+        self.config = config
+        c = config
+        self.tls = HubTls(
+            certs.load_cert(c.tls.cert),
+            certs.load_key(c.tls.key),
+            certs.load_certs(c.tls.device_ca),
+        )
+        self.log = Log(
+            c.log.path,
+            synchronous=c.log.synchronous,
+            retention_max_age_s=c.log.retention_max_age_s,
+            retention_max_bytes=c.log.retention_max_bytes,
+        )
+        self.ledgers: dict[tuple[str, str], dict[int, DeviceLedger]] = self.log.load_ledgers()
+        self.presence = Presence(
+            c.presence.stale_after_s, c.presence.offline_after_s, c.presence.max_devices
+        )
+        self.group: GroupCommit[HubConnection] = GroupCommit(
+            c.log.group_commit_ms / 1000, c.log.group_commit_records
+        )
+        limits = HubLimits(
+            max_connections=c.server.max_connections,
+            max_handshakes=c.server.max_handshakes,
+            busy_retry_after_ms=c.server.busy_retry_after_ms,
+            max_frame_bytes=c.limits.max_frame_bytes,
+            idle_timeout_s=c.server.idle_timeout_s,
+        )
+        self.endpoint = HubEndpoint(self.tls, self._make_session, self._authorize, limits)
+        self.denied: set[str] = set()
+        self.live: dict[tuple[str, str], HubConnection] = {}
+        self.counters: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.commit_seconds: list[float] = []  # since the last scrape (bounded below)
+        self.driver: UdpDriver | None = None
+        self._commit_timer: asyncio.TimerHandle | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.ready = False
+        self.reload_deny_list()
+
+    # -- sessions ------------------------------------------------------------------
+
+    def _make_session(self, conn: HubConnection, now: float) -> HubSession:
+        ident = conn.identity
+        assert ident is not None
+        per_device = self.ledgers.setdefault((ident.tenant, ident.device), {})
+        lim = self.config.limits
+
+        def ledger_for(incarnation: int) -> DeviceLedger:
+            led = per_device.get(incarnation)
+            if led is None:
+                led = per_device[incarnation] = DeviceLedger(incarnation)
+            return led
+
+        cfg = HubSessionConfig(
+            window_records=lim.window_records,
+            records_per_s=lim.records_per_s,
+            bytes_per_s=lim.bytes_per_s,
+            burst_s=lim.burst_s,
+        )
+        return HubSession(ident.tenant, ident.device, ledger_for, now, cfg)
+
+    def _authorize(self, ident: DeviceIdentity) -> None:
+        if ident.device in self.denied or _serial_keys(ident.serial) & self.denied:
+            raise AuthError(f"device {ident.tenant}/{ident.device} is revoked")
+
+    def reload_deny_list(self) -> int:
+        """Re-read the deny list; closes live sessions of newly revoked devices. Returns count."""
+        path = self.config.deny_list
+        entries: set[str] = set()
+        if path:
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except OSError as exc:
+                log.error("cannot read deny list %s: %s", path, exc)
+                return len(self.denied)
+            for line in text.splitlines():
+                item = line.split("#", 1)[0].strip().lower()
+                if item:
+                    entries.add(item)
+        self.denied = entries
+        for conn in list(self.endpoint.connections.values()):
+            if conn.identity is None:
+                continue
+            try:
+                self._authorize(conn.identity)
+            except AuthError as exc:
+                self.endpoint.close_connection(conn, ErrorCode.REVOKED, str(exc))
+                self.counters["revoked_closed"] += 1
+        self._flush()
+        return len(self.denied)
+
+    # -- event pump ------------------------------------------------------------------
+
+    def _after(self) -> None:
+        now = self._now()
+        wall = time.time()
+        while (ev := self.endpoint.next_event()) is not None:
+            if isinstance(ev, DeviceEvent):
+                self._on_session_event(ev.conn, ev.event, now, wall)
+            elif isinstance(ev, DeviceConnected):
+                self._on_connected(ev.conn, wall)
+            elif isinstance(ev, DeviceDisconnected):
+                self._on_disconnected(ev.conn, wall)
+        if self.group.due(now):
+            self._commit()
+        elif len(self.group) and self._commit_timer is None:
+            at = self.group.deadline()
+            assert at is not None
+            self._commit_timer = asyncio.get_running_loop().call_at(at, self._commit_now)
+
+    def _on_connected(self, conn: HubConnection, wall: float) -> None:
+        ident = conn.identity
+        assert ident is not None
+        key = (ident.tenant, ident.device)
+        old = self.live.get(key)
+        if old is not None and old is not conn and not old.closed:
+            self.endpoint.close_connection(old, ErrorCode.GOING_AWAY, "replaced by a newer session")
+        self.live[key] = conn
+        self.counters["handshakes_resumed" if conn.resumed else "handshakes_fresh"] += 1
+        addr = conn.peer_addr
+        self.presence.connected(ident.tenant, ident.device, f"{addr[0]}:{addr[1]}", wall)
+
+    def _on_disconnected(self, conn: HubConnection, wall: float) -> None:
+        ident = conn.identity
+        if ident is None or not conn.handshake_done:
+            return
+        key = (ident.tenant, ident.device)
+        if self.live.get(key) is conn:
+            del self.live[key]
+        self.presence.disconnected(ident.tenant, ident.device, wall)
+
+    def _on_session_event(self, conn: HubConnection, ev: Any, now: float, wall: float) -> None:
+        session = conn.session
+        assert session is not None and conn.identity is not None
+        ident = conn.identity
+        if isinstance(ev, BatchAccepted):
+            assert session.ledger is not None
+            self.group.add(
+                Accepted(conn, ident.tenant, ident.device, session.ledger, ev, wall), now
+            )
+            self.counters["records_in"] += len(ev.records)
+            self.counters["bytes_in"] += ev.wire_bytes
+            self.presence.heard(
+                ident.tenant, ident.device, wall, ev.records[-1].seq, len(ev.records)
+            )
+        elif isinstance(ev, HeartbeatReceived):
+            self.presence.heartbeat(ident.tenant, ident.device, ev.stats, wall)
+        elif isinstance(ev, DuplicatesSkipped):
+            self.counters["duplicates"] += ev.count
+            self.presence.devices[(ident.tenant, ident.device)].duplicates += ev.count
+        elif isinstance(ev, SessionClosed) and ev.code not in (ErrorCode.NO_ERROR,):
+            self.errors[ev.code.name] += 1
+            log.info(
+                "session %s/%s closed: %s %s", ident.tenant, ident.device, ev.code.name, ev.reason
+            )
+
+    def _commit_now(self) -> None:
+        self._commit_timer = None
+        if len(self.group):
+            self._commit()
+
+    def _commit(self) -> None:
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+            self._commit_timer = None
+        items = self.group.take()
+        pending = [
+            PendingBatch(
+                it.tenant,
+                it.device,
+                it.batch.incarnation,
+                it.batch.lane,
+                it.batch.records,
+                it.batch.codec,
+                it.batch.payload,
+                int(it.received_at * 1e6),
+            )
+            for it in items
+        ]
+        t0 = time.perf_counter()
+        try:
+            self.log.append_group(pending, time.time())
+        except LogError as exc:
+            log.error("commit failed: %s", exc)
+            self.errors["COMMIT_FAILED"] += 1
+            for conn in GroupCommit.failed(items):
+                if conn.session is not None:
+                    conn.session.on_commit_failed(str(exc))
+                    self.endpoint.touch(conn, self._now())
+            self._flush()
+            return
+        elapsed = time.perf_counter() - t0
+        if len(self.commit_seconds) < 100_000:
+            self.commit_seconds.append(elapsed)
+        self.counters["commits"] += 1
+        self.counters["records_committed"] += sum(len(p.records) for p in pending)
+        now = self._now()
+        for conn in GroupCommit.committed(items):
+            if conn.session is not None:
+                conn.session.on_committed(now)
+                self.endpoint.touch(conn, now)
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.driver is not None:
+            self.driver.flush()
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def publish_presence(self, changes: list[PresenceChange]) -> None:
+        """Each presence change becomes a record on <tenant>.<device>.presence."""
+        for ch in changes:
+            body = {"state": ch.new.value, "previous": ch.old.value, "heartbeat": ch.heartbeat}
+            subject = f"{ch.tenant}.{ch.device}.presence"
+            try:
+                self.log.append_local(ch.tenant, ch.device, subject, body, {}, ch.at)
+            except LogError as exc:
+                log.error("cannot log presence change: %s", exc)
+                self.errors["COMMIT_FAILED"] += 1
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the UDP port and start the periodic work."""
+        host, port = _parse_addr(self.config.listen)
+        self.driver = await open_driver(self.endpoint, (host, port), self._after)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._every(1.0, self._tick)))
+        self._tasks.append(loop.create_task(self._every(60.0, self._retention)))
+        self.ready = True
+
+    @property
+    def port(self) -> int:
+        """The UDP port the hub listens on."""
+        assert self.driver is not None and self.driver.transport is not None
+        return int(self.driver.transport.get_extra_info("sockname")[1])
+
+    async def _every(self, period: float, fn: Any) -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                fn()
+            except Exception:  # a periodic job must not take the hub down; it is logged
+                log.exception("periodic job failed")
+                self.errors["INTERNAL"] += 1
+
+    def _tick(self) -> None:
+        self.presence.tick(time.time())
+        self.publish_presence(self.presence.take_changes())
+
+    def _retention(self) -> None:
+        self.log.apply_retention(time.time())
+
+    async def stop(self) -> None:
+        """Stop accepting, finish commits, close sessions with GOING_AWAY, close the log."""
+        self.ready = False
+        self.endpoint.accepting = False
+        if len(self.group):
+            self._commit()
+        for conn in list(self.endpoint.connections.values()):
+            self.endpoint.close_connection(conn, ErrorCode.GOING_AWAY, "hub shutting down")
+        self._flush()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.sleep(0.05)
+        self._flush()
+        self.publish_presence(self.presence.take_changes())
+        if self.driver is not None:
+            self.driver.close()
+        self.log.close()
+
+    def device_list(self) -> list[dict[str, Any]]:
+        """Every known device, for the HTTP API."""
+        now = time.time()
+        return [info.as_json(now) for info in self.presence.devices.values()]
+
+
+def _serial_keys(serial: int) -> set[str]:
+    return {str(serial), format(serial, "x"), format(serial, "#x")}

@@ -1,0 +1,76 @@
+"""Fixtures for loopback tests: certificates, hub and edge configs on disk."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from transport import certs
+
+
+def free_port(kind: int = socket.SOCK_DGRAM) -> int:
+    """A free loopback port (UDP by default)."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    """A CA, hub certificate and key in tmp_path/certs."""
+    d = tmp_path / "certs"
+    certs.init_dir(d)
+    return d
+
+
+def write_hub_config(tmp_path: Path, pki: Path, **overrides: object) -> Path:
+    """A hub.yaml on a free UDP port and a free HTTP port; returns its path."""
+    cfg: dict[str, object] = {
+        "tls": {
+            "cert": str(pki / "hub.pem"),
+            "key": str(pki / "hub.key"),
+            "device_ca": str(pki / "ca.pem"),
+        },
+        "listen": f"127.0.0.1:{free_port()}",
+        "log": {"path": str(tmp_path / "hub.db")},
+        "http": {"listen": f"127.0.0.1:{free_port(socket.SOCK_STREAM)}", "token": "s3cret"},
+        "presence": {"stale_after_s": 3, "offline_after_s": 6},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}  # type: ignore[dict-item]
+        else:
+            cfg[key] = value
+    path = tmp_path / "hub.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def write_edge_config(
+    tmp_path: Path,
+    pki: Path,
+    device: str,
+    hubs: list[str],
+    tenant: str = "acme",
+    **overrides: object,
+) -> Path:
+    """An edge.yaml for ``tenant/device`` with a fresh device certificate."""
+    cert, key = certs.issue_device(pki, tenant, device)
+    cfg: dict[str, object] = {
+        "device": {"cert": str(cert), "key": str(key), "ca": str(pki / "ca.pem")},
+        "hubs": hubs,
+        "spool": {"path": str(tmp_path / f"{device}.spool.db")},
+        "sender": {"linger_ms": 10, "heartbeat_s": 1.0},
+        "backoff": {"base_s": 0.1, "cap_s": 1.0},
+    }
+    for key_, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key_), dict):
+            cfg[key_] = {**cfg[key_], **value}  # type: ignore[dict-item]
+        else:
+            cfg[key_] = value
+    path = tmp_path / f"{device}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -1,0 +1,270 @@
+"""Edge agent and hub together over real sockets on loopback (in one process)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from edge.agent import Agent
+from edge.config import load_edge_config
+from edge.inputs import start_inputs
+from hub.config import load_hub_config
+from hub.http import start_http
+from hub.log import Log
+from hub.server import Hub
+from transport.wire import Lane
+
+from .conftest import free_port, write_edge_config, write_hub_config
+
+pytestmark = pytest.mark.integration
+
+
+async def until(cond: Callable[[], bool], timeout: float = 15.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        if loop.time() > end:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def spool_empty(agent: Agent) -> bool:
+    return all(d[0] == 0 for d in agent.spool.depth().values())
+
+
+def log_records(path: Path) -> list[Any]:
+    log = Log(str(path))
+    try:
+        out = []
+        offset = log.first_offset()
+        while batch := log.read(offset, 10_000):
+            out.extend(batch)
+            offset = batch[-1].offset + 1
+        return out
+    finally:
+        log.close()
+
+
+def run(main: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_published_records_reach_the_log_once_and_the_api_shows_the_device(
+    tmp_path: Path, pki: Path
+) -> None:
+    hub_cfg = load_hub_config(write_hub_config(tmp_path, pki))
+
+    async def main() -> None:
+        hub = Hub(hub_cfg)
+        await hub.start()
+        runner, http_port = await start_http(hub)
+        agent = Agent(load_edge_config(write_edge_config(tmp_path, pki, "t1", [hub_cfg.listen])))
+        agent.start()
+        for i in range(200):
+            await agent.publish("telemetry.gps", {"i": i, "lat": 52.1}, {"unit": "si"})
+        await agent.publish("fault", {"code": "P0A80"}, lane="critical")
+        await until(lambda: spool_empty(agent))
+        base = f"http://127.0.0.1:{http_port}"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/v1/devices") as r:
+                assert r.status == 401
+            auth = {"Authorization": "Bearer s3cret"}
+            async with http.get(f"{base}/v1/devices", headers=auth) as r:
+                devices = (await r.json())["devices"]
+            async with http.get(f"{base}/v1/devices/acme/t1", headers=auth) as r:
+                one = await r.json()
+            async with http.get(f"{base}/metrics", headers=auth) as r:
+                metrics_text = await r.text()
+            async with http.get(f"{base}/healthz") as r:
+                assert r.status == 200
+        assert devices[0]["device"] == "t1" and one["presence"] == "online"
+        assert one["last_seq"] == 201
+        families = {f.name: f for f in text_string_to_metric_families(metrics_text)}
+        records_in = families["squall_hub_records_in"].samples[0].value
+        assert records_in == 201
+        assert "squall_hub_commit_seconds" in families
+        await agent.stop()
+        await hub.stop()
+        await runner.cleanup()
+
+    run(main)
+    records = [r for r in log_records(tmp_path / "hub.db") if r.device == "t1"]
+    data = [r for r in records if not r.subject.endswith(".presence")]
+    assert sorted(r.seq for r in data) == list(range(1, 202))
+    assert {r.subject for r in data} == {"acme.t1.telemetry.gps", "acme.t1.fault"}
+    telemetry = [r.seq for r in data if r.lane == Lane.TELEMETRY]
+    assert telemetry == sorted(telemetry)
+    presence = [r.body for r in records if r.subject == "acme.t1.presence"]
+    assert presence and presence[0]["state"] == "online"  # type: ignore[index]
+
+
+def test_wiped_spool_starts_a_new_incarnation_that_is_not_deduplicated(
+    tmp_path: Path, pki: Path
+) -> None:
+    hub_cfg = load_hub_config(write_hub_config(tmp_path, pki))
+    edge_path = write_edge_config(tmp_path, pki, "t1", [hub_cfg.listen])
+
+    async def main() -> None:
+        hub = Hub(hub_cfg)
+        await hub.start()
+        for _ in range(2):
+            agent = Agent(load_edge_config(edge_path))
+            agent.start()
+            for i in range(10):
+                await agent.publish("telemetry.x", {"i": i})
+            await until(lambda a=agent: spool_empty(a))  # type: ignore[misc]
+            await agent.stop()
+            os.unlink(tmp_path / "t1.spool.db")  # factory reset
+        await hub.stop()
+
+    run(main)
+    data = [r for r in log_records(tmp_path / "hub.db") if r.subject == "acme.t1.telemetry.x"]
+    assert len(data) == 20
+    assert len({r.incarnation for r in data}) == 2
+    assert sorted(r.seq for r in data) == sorted(list(range(1, 11)) * 2)
+
+
+@pytest.mark.skipif(shutil.which("logger") is None, reason="util-linux logger is installed by make")
+def test_syslog_from_real_logger_over_udp_and_tcp(tmp_path: Path, pki: Path) -> None:
+    hub_cfg = load_hub_config(write_hub_config(tmp_path, pki))
+    udp, tcp = free_port(), free_port(kind=1)
+    edge_path = write_edge_config(
+        tmp_path,
+        pki,
+        "t1",
+        [hub_cfg.listen],
+        inputs={"syslog": {"udp": f"127.0.0.1:{udp}", "tcp": f"127.0.0.1:{tcp}"}},
+    )
+
+    async def main() -> None:
+        hub = Hub(hub_cfg)
+        await hub.start()
+        agent = Agent(load_edge_config(edge_path))
+        agent.start()
+        inputs = await start_inputs(agent, agent.config.inputs)
+        sends = [
+            [
+                "--rfc5424",
+                "-d",
+                "-P",
+                str(udp),
+                "-p",
+                "auth.warning",
+                "-t",
+                "sshd",
+                "--msgid",
+                "M1",
+            ],
+            ["--rfc3164", "-d", "-P", str(udp), "-p", "daemon.err", "-t", "gpsd"],
+            ["--rfc5424", "-T", "--octet-count", "-P", str(tcp), "-p", "local3.info", "-t", "app"],
+            ["--rfc3164", "-T", "-P", str(tcp), "-p", "local7.crit", "-t", "watchdog"],
+        ]
+        for i, args in enumerate(sends):
+            proc = await asyncio.create_subprocess_exec(
+                "logger", "-n", "127.0.0.1", *args, f"message {i}"
+            )
+            assert await proc.wait() == 0
+        udp_sock = (
+            await asyncio.get_running_loop().create_datagram_endpoint(
+                asyncio.DatagramProtocol, remote_addr=("127.0.0.1", udp)
+            )
+        )[0]
+        udp_sock.sendto(b"\xff\xfe not syslog at all")
+        await until(lambda: inputs.stats.counts["syslog_messages"] >= 5)
+        await until(lambda: spool_empty(agent))
+        assert inputs.stats.counts["syslog_malformed"] == 1
+        udp_sock.close()
+        await inputs.stop()
+        await agent.stop()
+        await hub.stop()
+
+    run(main)
+    logs = {r.body: r for r in log_records(tmp_path / "hub.db") if ".log." in r.subject}
+    m0 = logs["message 0"]
+    assert m0.subject == "acme.t1.log.auth"
+    assert m0.attrs["severity"] == 4 and m0.attrs["app"] == "sshd" and m0.attrs["msgid"] == "M1"
+    assert m0.attrs["format"] == "rfc5424"
+    m1 = logs["message 1"]
+    assert m1.subject == "acme.t1.log.daemon" and m1.attrs["severity"] == 3
+    assert m1.attrs["format"] == "rfc3164" and m1.attrs["host"]
+    assert logs["message 2"].subject == "acme.t1.log.local3"
+    crit = logs["message 3"]
+    assert crit.subject == "acme.t1.log.local7" and crit.lane == Lane.CRITICAL
+    raw = [r for r in logs.values() if r.attrs.get("format") == "raw"]
+    assert len(raw) == 1
+
+
+def test_revoked_device_is_cut_off_within_a_second(tmp_path: Path, pki: Path) -> None:
+    deny = tmp_path / "deny.txt"
+    deny.write_text("# revoked devices\n")
+    hub_cfg = load_hub_config(write_hub_config(tmp_path, pki, deny_list=str(deny)))
+
+    async def main() -> None:
+        hub = Hub(hub_cfg)
+        await hub.start()
+        runner, http_port = await start_http(hub)
+        agent = Agent(load_edge_config(write_edge_config(tmp_path, pki, "t9", [hub_cfg.listen])))
+        agent.start()
+        await asyncio.wait_for(agent.connected.wait(), 10)
+        deny.write_text("t9\n")
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{http_port}/v1/revocations/reload"
+            async with http.post(url, headers={"Authorization": "Bearer s3cret"}) as r:
+                assert (await r.json())["denied"] == 1
+        await until(lambda: not hub.endpoint.connections and not agent.connected.is_set(), 1.0)
+        assert loop.time() - t0 < 1.0
+        # and it cannot come back
+        await asyncio.sleep(1.0)
+        assert not agent.connected.is_set()
+        assert hub.counters["revoked_closed"] == 1
+        assert hub.endpoint.counters["auth_failed"] >= 1
+        await agent.stop()
+        await hub.stop()
+        await runner.cleanup()
+
+    run(main)
+
+
+@pytest.mark.parametrize(
+    ("content", "key"),
+    [
+        ({"hubz": ["x:1"]}, "hubz"),
+        ({"spool": {"max_bytes": "big"}}, "spool.max_bytes"),
+        ({"device": {"cert": "/nonexistent.pem"}}, "device.cert"),
+    ],
+)
+def test_bad_edge_config_is_one_clear_error_exit_2(
+    tmp_path: Path, pki: Path, content: dict[str, Any], key: str
+) -> None:
+    import yaml
+
+    path = write_edge_config(tmp_path, pki, "t1", ["127.0.0.1:1"])
+    cfg = yaml.safe_load(path.read_text())
+    for k, v in content.items():
+        if isinstance(v, dict) and k in cfg:
+            cfg[k].update(v)
+        else:
+            cfg[k] = v
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run(
+        [sys.executable, "-m", "transport.cli", "edge", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert str(path) in lines[0] and key in lines[0]
