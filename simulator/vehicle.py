@@ -1,7 +1,7 @@
 """A simulated vehicle: an edge agent publishing a drive's telemetry, faults and logs.
 
-Usable as a program (one vehicle per process, for crash tests):
-``python -m simulator.vehicle --config edge.yaml --rate 50 --duration 30``.
+Usable as a program (one or several vehicles per process, for crash tests):
+``python -m simulator.vehicle --config a.yaml [b.yaml ...] --rate 50 --duration 30``.
 """
 
 from __future__ import annotations
@@ -55,29 +55,41 @@ async def drive(
 
 
 async def _main(args: argparse.Namespace) -> int:
-    agent = Agent(load_edge_config(args.config), seed=args.seed)
-    agent.start()
+    agents = [
+        Agent(load_edge_config(path), seed=args.seed + i) for i, path in enumerate(args.config)
+    ]
+    for agent in agents:
+        agent.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    task = loop.create_task(drive(agent, args.rate, args.duration, random.Random(args.seed)))
-    _done, _ = await asyncio.wait(
-        [task, loop.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+    drives = [
+        loop.create_task(drive(a, args.rate, args.duration, random.Random(args.seed + i)))
+        for i, a in enumerate(agents)
+    ]
+    stopper = loop.create_task(stop.wait())
+    await asyncio.wait(
+        [stopper, loop.create_task(asyncio.wait(drives))], return_when="FIRST_COMPLETED"
     )
-    task.cancel()
+    for task in drives:
+        task.cancel()
     if args.drain and not stop.is_set():
         deadline = time.monotonic() + args.drain
-        while time.monotonic() < deadline and any(d[0] for d in agent.spool.depth().values()):
+        while time.monotonic() < deadline and any(
+            d[0] for a in agents for d in a.spool.depth().values()
+        ):
             await asyncio.sleep(0.1)
-    await agent.stop()
-    print(f"vehicle {agent.prefix}: last_seq={agent.spool.last_seq}", flush=True)
+    for agent in agents:
+        await agent.stop()
+        print(f"vehicle {agent.prefix}: last_seq={agent.spool.last_seq}", flush=True)
+    stopper.cancel()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of one simulated vehicle."""
     ap = argparse.ArgumentParser(prog="python -m simulator.vehicle", description=__doc__)
-    ap.add_argument("--config", required=True)
+    ap.add_argument("--config", required=True, nargs="+", help="one edge YAML per vehicle")
     ap.add_argument("--rate", type=float, default=10.0)
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument(

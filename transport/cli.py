@@ -12,7 +12,7 @@ from collections.abc import Callable
 _COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "hub": ("run the hub (QUIC ingest, durable log, HTTP API)", "hub.main:cli_hub", ""),
     "edge": ("run an edge agent (spool, sender, inputs)", "edge.main:cli_edge", ""),
-    "link": ("run the UDP link-impairment proxy", None, "the link proxy (issue 6)"),
+    "link": ("run the UDP link-impairment proxy", "simulator.linkcli:cli_link", ""),
     "fleet": ("simulate a fleet of vehicles against a hub", None, "the fleet simulator (issue 6)"),
     "demo": ("run the end-to-end demo (what `make demo` runs)", None, "the demo (issue 6)"),
     "certs": (

@@ -202,6 +202,11 @@ class EdgeEndpoint:
             self.quic.send_datagram_frame(data)
         while (ev := self.session.next_event()) is not None:
             self._events.append(ev)
+            if isinstance(ev, SessionClosed) and not self.closed:
+                # the session gave up (no WELCOME, hub silent, protocol error): so does QUIC
+                self.quic.close(error_code=int(ev.code), reason_phrase=ev.reason)
+                self.closed = True
+                self._events.append(ConnectionLost(int(ev.code), ev.reason, 0, self.handshake_done))
         if self.quic._state is QuicConnectionState.TERMINATED and not self.closed:
             self._on_terminated(qe.ConnectionTerminated(0, None, "connection terminated"))
 

@@ -84,6 +84,9 @@ class SenderConfig:
     rto_max_s: float = 60.0
     heartbeat_s: float = 10.0
     welcome_timeout_s: float = 15.0  # no WELCOME by then: the session is dead, reconnect
+    # Nothing at all from the hub for this long (it echoes CREDIT on every heartbeat): the
+    # hub is gone (crashed, restarted, or the path died) — close and reconnect.  0: 3 heartbeats.
+    hub_silence_s: float = 0.0
     compress: bool = True
 
 
@@ -168,6 +171,8 @@ class EdgeSession(_Core):
         self._linger_at: float | None = None
         self._next_heartbeat = now
         self._welcome_deadline = now + self.config.welcome_timeout_s
+        self._last_heard = now
+        self._silence_s = self.config.hub_silence_s or 3 * self.config.heartbeat_s
         self.retransmitted = 0
         acked = {int(k): v.cursor for k, v in self._lanes.items() if v.cursor}
         hb_ms = int(self.config.heartbeat_s * 1000)
@@ -179,6 +184,7 @@ class EdgeSession(_Core):
         """A frame from the hub on the control stream."""
         if self.state is EdgeState.CLOSED:
             return
+        self._last_heard = now
         try:
             self._on_frame(frame, now)
         except ProtocolError as exc:
@@ -303,6 +309,8 @@ class EdgeSession(_Core):
             times.append(self._next_heartbeat)
         if self.state is EdgeState.HELLO_SENT:
             times.append(self._welcome_deadline)
+        if self.state is EdgeState.ESTABLISHED and self._stats is not None:
+            times.append(self._last_heard + self._silence_s)
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
@@ -311,6 +319,10 @@ class EdgeSession(_Core):
             return
         if self.state is EdgeState.HELLO_SENT and now >= self._welcome_deadline:
             self.close(ErrorCode.IDLE_TIMEOUT, "no WELCOME from the hub")
+            return
+        silent = now - self._last_heard
+        if self.state is EdgeState.ESTABLISHED and self._stats and silent >= self._silence_s:
+            self.close(ErrorCode.IDLE_TIMEOUT, f"nothing from the hub for {silent:.0f} s")
             return
         for lane_id, lane in self._lanes.items():
             if lane.inflight and now >= lane.inflight[0].sent_at + lane.rto:
