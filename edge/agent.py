@@ -60,6 +60,7 @@ class AgentStats:
     sessions: int = 0
     early_data_sessions: int = 0
     refused: int = 0
+    retransmitted: int = 0
 
 
 class Agent:
@@ -224,6 +225,7 @@ class Agent:
         try:
             await self._lost.wait()
         finally:
+            self.stats.retransmitted += session.retransmitted
             self._driver.close()
             self.connected.clear()
             self.endpoint = None

@@ -34,10 +34,14 @@ def cli_edge(argv: list[str]) -> int:
 async def _run(cfg: EdgeConfig) -> int:
     from edge.agent import Agent
     from edge.inputs import start_inputs
+    from edge.metrics import start_metrics
 
     agent = Agent(cfg)
     agent.start()
     inputs = await start_inputs(agent, cfg.inputs)
+    metrics = (
+        await start_metrics(agent, cfg.metrics_host, cfg.metrics_port) if cfg.metrics_port else None
+    )
     print(f"squall edge: {agent.prefix} -> {', '.join(cfg.hubs)}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -46,5 +50,7 @@ async def _run(cfg: EdgeConfig) -> int:
     await stop.wait()
     await inputs.stop()
     await agent.stop()
+    if metrics is not None:
+        await metrics.cleanup()
     print("squall edge: stopped cleanly", flush=True)
     return 0

@@ -14,7 +14,7 @@ _COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "edge": ("run an edge agent (spool, sender, inputs)", "edge.main:cli_edge", ""),
     "link": ("run the UDP link-impairment proxy", "simulator.linkcli:cli_link", ""),
     "fleet": ("simulate a fleet of vehicles against a hub", None, "the fleet simulator (issue 6)"),
-    "demo": ("run the end-to-end demo (what `make demo` runs)", None, "the demo (issue 6)"),
+    "demo": ("run the end-to-end demo (what `make demo` runs)", "simulator.demo:cli_demo", ""),
     "certs": (
         "make a development CA, hub and device certificates",
         "transport.certs:cli_certs",

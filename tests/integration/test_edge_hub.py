@@ -268,3 +268,39 @@ def test_bad_edge_config_is_one_clear_error_exit_2(
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert str(path) in lines[0] and key in lines[0]
+
+
+def test_edge_metrics_endpoint_parses(tmp_path: Path, pki: Path) -> None:
+    from edge.metrics import start_metrics
+
+    hub_cfg = load_hub_config(write_hub_config(tmp_path, pki))
+    port = free_port(kind=1)
+
+    async def main() -> None:
+        hub = Hub(hub_cfg)
+        await hub.start()
+        agent = Agent(load_edge_config(write_edge_config(tmp_path, pki, "t1", [hub_cfg.listen])))
+        agent.start()
+        runner = await start_metrics(agent, "127.0.0.1", port)
+        for i in range(30):
+            await agent.publish("telemetry.x", {"i": i}, lane="bulk")
+        await until(lambda: spool_empty(agent))
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/metrics") as r,
+        ):
+            text = await r.text()
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        assert fams["squall_edge_accepted"].samples[0].value == 30
+        assert fams["squall_edge_acked"].samples[0].value == 30
+        assert fams["squall_edge_connected"].samples[0].value == 1
+        assert {s.labels["lane"] for s in fams["squall_edge_spool_records"].samples} == {
+            "critical",
+            "telemetry",
+            "bulk",
+        }
+        await runner.cleanup()
+        await agent.stop()
+        await hub.stop()
+
+    run(main)
