@@ -89,8 +89,8 @@ async def hub_main(ca_dir: Path) -> None:
                 b = ev.event
                 session = ev.conn.session
                 assert session is not None and session.ledger is not None
-                received["records"] += len(b.records)
-                session.ledger.lanes[b.lane].committed = b.records[-1].seq
+                received["records"] += b.count
+                session.ledger.lanes[b.lane].committed = b.last_seq
                 touched.add(ev.conn)
         now = loop.time()
         for conn in touched:
@@ -183,6 +183,10 @@ async def run_edge(
     driver = await open_driver(endpoint, ("127.0.0.1", 0), after)
     driver.flush()
     end = await asyncio.wait_for(done, 120)
+    for _ in range(300):  # keep the session until the hub's new ticket is in (for the next resume)
+        if tickets or ticket is None:
+            break
+        await asyncio.sleep(0.01)
     endpoint.close()
     driver.flush()
     await asyncio.sleep(0.05)

@@ -45,7 +45,7 @@ class GroupCommit(Generic[K]):
         if not self._items:
             self._opened_at = now
         self._items.append(item)
-        self._records += len(item.batch.records)
+        self._records += item.batch.count
 
     def deadline(self) -> float | None:
         """When the open group must be committed, or None if there is none."""
@@ -70,7 +70,7 @@ class GroupCommit(Generic[K]):
         """The group is durable: advance the ledgers; returns the sessions to acknowledge."""
         for it in items:
             lane = it.ledger.lanes[it.batch.lane]
-            lane.committed = max(lane.committed, it.batch.records[-1].seq)
+            lane.committed = max(lane.committed, it.batch.last_seq)
         return {it.key for it in items}
 
     @staticmethod

@@ -119,16 +119,36 @@ class LogError(SquallError):
 
 @dataclass(frozen=True, slots=True)
 class PendingBatch:
-    """One batch waiting for the group commit; ``payload=None`` means re-encode ``records``."""
+    """One batch waiting for the group commit.
+
+    Either ``payload`` holds the batch as received (validated; stored as is, and
+    ``records`` may be None), or ``payload`` is None and ``records`` are encoded here.
+    """
 
     tenant: str
     device: str
     incarnation: int
     lane: int
-    records: list[Record]  # strictly increasing seq, not empty
+    records: list[Record] | None  # strictly increasing seq, not empty, when given
     codec: int
     payload: bytes | None  # as received, or None when the session trimmed the batch
     received_us: int
+    first_seq: int = 0  # derived from records when 0
+    last_seq: int = 0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if self.count == 0 and self.records:
+            object.__setattr__(self, "first_seq", self.records[0].seq)
+            object.__setattr__(self, "last_seq", self.records[-1].seq)
+            object.__setattr__(self, "count", len(self.records))
+
+    def decoded(self) -> list[Record]:
+        """The records (decoding the payload if they were not given)."""
+        if self.records is not None:
+            return self.records
+        assert self.payload is not None
+        return decode_batch(self.codec, self.payload, self.first_seq, self.count)
 
     @classmethod
     def from_accepted(
@@ -144,6 +164,9 @@ class PendingBatch:
             event.codec,
             event.payload,
             received_us,
+            event.first_seq,
+            event.last_seq,
+            event.count,
         )
 
 
@@ -459,18 +482,19 @@ class Log:
                 state.marks[(*inc_key, lane)] = seq
         mark_key = (*inc_key, item.lane)
         mark = state.marks.get(mark_key, 0)
-        records, codec, payload = item.records, item.codec, item.payload
+        codec, payload = item.codec, item.payload
+        first, last, count = item.first_seq, item.last_seq, item.count
         base = state.totals.next_offset
-        if not records or records[-1].seq <= mark:
-            state.duplicates += len(records)
+        if count == 0 or last <= mark:
+            state.duplicates += count
             return base, 0
-        if records[0].seq <= mark:  # the session should have trimmed; the log still refuses twice
-            fresh = [r for r in records if r.seq > mark]
-            state.duplicates += len(records) - len(fresh)
-            records, payload = fresh, None
+        if first <= mark:  # the session should have trimmed; the log still refuses twice
+            fresh = [r for r in item.decoded() if r.seq > mark]
+            state.duplicates += count - len(fresh)
+            codec, payload = encode_batch(fresh)
+            first, count = fresh[0].seq, len(fresh)
         if payload is None:
-            codec, payload = encode_batch(records)
-        count = len(records)
+            codec, payload = encode_batch(item.decoded())
         state.rows.append(
             (
                 base,
@@ -479,15 +503,15 @@ class Log:
                 item.device,
                 _i64(item.incarnation),
                 item.lane,
-                _i64(records[0].seq),
-                _i64(records[-1].seq),
+                _i64(first),
+                _i64(last),
                 item.received_us,
                 codec,
                 len(payload),
                 payload,
             )
         )
-        state.marks[mark_key] = records[-1].seq
+        state.marks[mark_key] = last
         state.changed.add(mark_key)
         t = state.totals
         t.next_offset += count

@@ -7,7 +7,9 @@ The decisions live in sans-I/O cores (``transport.quic.HubEndpoint``, ``HubSessi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -39,6 +41,12 @@ from transport.quic import (
 from transport.session import DeviceLedger, HubSession, HubSessionConfig
 
 log = logging.getLogger("squall.hub")
+
+# The kernel queue in front of the hub's one UDP socket.  The default (~208 KiB, ~90 full
+# datagrams) overflows when a fleet reconnects at once (a hub restart, a cell outage ending):
+# the dropped Initials come back in synchronised retransmission waves and devices wait tens
+# of seconds.  The kernel caps the request at net.core.rmem_max (a warning says so).
+UDP_RECV_BUFFER_BYTES = 4 << 20
 
 
 def _parse_addr(text: str) -> tuple[str, int]:
@@ -190,11 +198,9 @@ class Hub:
             self.group.add(
                 Accepted(conn, ident.tenant, ident.device, session.ledger, ev, wall), now
             )
-            self.counters["records_in"] += len(ev.records)
+            self.counters["records_in"] += ev.count
             self.counters["bytes_in"] += ev.wire_bytes
-            self.presence.heard(
-                ident.tenant, ident.device, wall, ev.records[-1].seq, len(ev.records)
-            )
+            self.presence.heard(ident.tenant, ident.device, wall, ev.last_seq, ev.count)
         elif isinstance(ev, HeartbeatReceived):
             self.presence.heartbeat(ident.tenant, ident.device, ev.stats, wall)
         elif isinstance(ev, DuplicatesSkipped):
@@ -217,16 +223,7 @@ class Hub:
             self._commit_timer = None
         items = self.group.take()
         pending = [
-            PendingBatch(
-                it.tenant,
-                it.device,
-                it.batch.incarnation,
-                it.batch.lane,
-                it.batch.records,
-                it.batch.codec,
-                it.batch.payload,
-                int(it.received_at * 1e6),
-            )
+            PendingBatch.from_accepted(it.tenant, it.device, it.batch, int(it.received_at * 1e6))
             for it in items
         ]
         t0 = time.perf_counter()
@@ -245,7 +242,7 @@ class Hub:
         if len(self.commit_seconds) < 100_000:
             self.commit_seconds.append(elapsed)
         self.counters["commits"] += 1
-        self.counters["records_committed"] += sum(len(p.records) for p in pending)
+        self.counters["records_committed"] += sum(p.count for p in pending)
         now = self._now()
         for conn in GroupCommit.committed(items):
             if conn.session is not None:
@@ -277,6 +274,7 @@ class Hub:
         """Bind the UDP port and start the periodic work."""
         host, port = _parse_addr(self.config.listen)
         self.driver = await open_driver(self.endpoint, (host, port), self._after)
+        _grow_recv_buffer(self.driver, UDP_RECV_BUFFER_BYTES)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._every(1.0, self._tick)))
         self._tasks.append(loop.create_task(self._every(60.0, self._retention)))
@@ -326,6 +324,18 @@ class Hub:
         """Every known device, for the HTTP API."""
         now = time.time()
         return [info.as_json(now) for info in self.presence.devices.values()]
+
+
+def _grow_recv_buffer(driver: UdpDriver, want: int) -> int:
+    """Ask for a ``want``-byte UDP receive queue; returns what the kernel granted."""
+    assert driver.transport is not None
+    sock = driver.transport.get_extra_info("socket")
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, want)
+    got = int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)) // 2  # Linux reports 2x
+    if got < want:
+        log.warning("UDP receive buffer is %d bytes, not %d: raise net.core.rmem_max", got, want)
+    return got
 
 
 def _serial_keys(serial: int) -> set[str]:

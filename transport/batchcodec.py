@@ -90,6 +90,8 @@ def decode_batch(codec: int, payload: bytes, first_seq: int, count: int) -> list
         _check_list(col, name, exact=count)
     for s in subjects:
         _check_subject(s)
+    if not seq_d or seq_d[0] != 0:
+        raise WireError(ErrorCode.BAD_SEQUENCE, "first seq delta must be 0")
     seqs = _undelta(seq_d, first_seq, "seq", u64=True)
     if any(b <= a for a, b in itertools.pairwise(seqs)):
         raise WireError(ErrorCode.BAD_SEQUENCE, "seq not strictly increasing in batch")
@@ -102,6 +104,74 @@ def decode_batch(codec: int, payload: bytes, first_seq: int, count: int) -> list
             raise WireError(ErrorCode.BAD_FIELD, f"subject index {j!r} out of range")
         out.append(Record(seqs[i], ts[i], subjects[j], _check_attrs(attrs[i]), body_values[i]))
     return out
+
+
+def validate_batch(
+    codec: int, payload: bytes, first_seq: int, count: int, last_seq: int | None = None
+) -> list[str]:
+    """Check a batch as thoroughly as ``decode_batch`` without building records; returns
+    its subject table.  The hub's hot path: it stores the payload as received."""
+    doc = _unpack_doc(codec, payload)
+    subjects, seq_d, ts_d, subj_idx, attrs, bodies = doc
+    _check_list(subjects, "subjects", max_len=count)
+    for col, name in ((seq_d, "seq"), (ts_d, "ts"), (subj_idx, "subject index"), (attrs, "attrs")):
+        _check_list(col, name, exact=count)
+    for s in subjects:
+        _check_subject(s)
+    if not _all_ints(seq_d) or not _all_ints(ts_d) or not _all_ints(subj_idx):
+        raise WireError(ErrorCode.BAD_FIELD, "seq, ts and subject columns must be integers")
+    if seq_d[0] != 0 or (count > 1 and min(seq_d[1:]) <= 0):
+        raise WireError(ErrorCode.BAD_SEQUENCE, "seq not strictly increasing in batch")
+    last = first_seq + sum(seq_d)
+    if last >= 1 << 64:
+        raise WireError(ErrorCode.BAD_FIELD, "seq out of range")
+    if last_seq is not None and last != last_seq:
+        raise WireError(ErrorCode.BAD_SEQUENCE, f"batch ends at seq {last}, header says {last_seq}")
+    if min(subj_idx) < 0 or max(subj_idx) >= len(subjects):
+        raise WireError(ErrorCode.BAD_FIELD, "subject index out of range")
+    kinds = set(map(type, attrs))
+    if not kinds <= {type(None), dict}:
+        raise WireError(ErrorCode.BAD_FIELD, "attrs must be small maps")
+    if dict in kinds:
+        for a in attrs:
+            if a is not None:
+                _check_attrs(a)
+    _validate_bodies(bodies, count)
+    return list(subjects)
+
+
+def _all_ints(col: list[Any]) -> bool:
+    return set(map(type, col)) <= {int}
+
+
+def _validate_bodies(bodies: Any, count: int) -> None:
+    if not isinstance(bodies, list) or len(bodies) != 2:
+        raise WireError(ErrorCode.BAD_FIELD, "body section malformed")
+    kind, data = bodies
+    if kind == _RAW:
+        _decode_bodies(bodies, count)
+        return
+    if kind != _INT_DELTA:
+        raise WireError(ErrorCode.BAD_FIELD, f"unknown body encoding {kind!r}")
+    _check_list(data, "body columns", max_len=MAX_BODY_KEYS)
+    for column in data:
+        if not isinstance(column, list) or len(column) != 5 or not isinstance(column[0], str):
+            raise WireError(ErrorCode.BAD_FIELD, "body column malformed")
+        key, present, ckind, scale, values = column
+        rows = count
+        if present is not None:
+            _check_list(present, "presence", exact=count)
+            rows = sum(1 for p in present if p)
+        _check_list(values, f"column {key!r}", exact=rows)
+        if ckind in (_INT_DELTA, _SCALED_DELTA):
+            if not _all_ints(values):
+                raise WireError(ErrorCode.BAD_FIELD, f"column {key!r} holds non-integers")
+            if ckind == _SCALED_DELTA and (
+                not isinstance(scale, int) or not 0 <= scale <= _MAX_SCALE
+            ):
+                raise WireError(ErrorCode.BAD_FIELD, f"bad scale {scale!r}")
+        elif ckind != _RAW:
+            raise WireError(ErrorCode.BAD_FIELD, f"unknown column kind {ckind!r}")
 
 
 def batch_subjects(codec: int, payload: bytes) -> list[str]:

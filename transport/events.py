@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from transport.batchcodec import Record
+from transport.batchcodec import Record, decode_batch
 from transport.errors import ErrorCode
 
 
@@ -54,14 +54,29 @@ class HelloReceived:
 
 @dataclass(frozen=True, slots=True)
 class BatchAccepted:
-    """Hub: new records (duplicates removed) to commit; ``payload`` is reusable when untrimmed."""
+    """Hub: new records (duplicates removed) to commit.
+
+    The common case keeps the batch as it came (``payload``, already validated, stored as
+    is: no per-record work on the hub); a batch that overlapped what the hub held was
+    decoded and trimmed, and then ``payload`` is None and ``records`` holds the new ones.
+    """
 
     lane: int
     incarnation: int
-    records: list[Record]
+    first_seq: int
+    last_seq: int
+    count: int
     codec: int
-    payload: bytes | None  # the batch as received, or None when it had to be trimmed
+    payload: bytes | None
+    records: list[Record] | None
     wire_bytes: int
+
+    def decoded(self) -> list[Record]:
+        """The records (decoding the payload when it was kept whole)."""
+        if self.records is not None:
+            return self.records
+        assert self.payload is not None
+        return decode_batch(self.codec, self.payload, self.first_seq, self.count)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ import heapq
 import itertools
 import os
 import re
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +45,8 @@ from transport.session import CONTROL, EdgeSession, HubSession
 from transport.wire import FrameReader, decode_datagram
 
 Address = tuple[Any, ...]
+_MIN_INITIAL_DATAGRAM = 1200  # RFC 9000 section 14.1: a client's first datagram is at least this
+_REFUSED_MEMORY = 8192  # refused Initial DCIDs remembered; beyond: the oldest are forgotten
 _RETRY_RE = re.compile(r"retry-after-ms=(\d+)")
 _MAX_STREAMS = 4  # control + three lanes
 
@@ -120,6 +122,7 @@ class EdgeEndpoint:
         self._events: deque[Connected | ConnectionLost | SessionEvent] = deque()
         self.handshake_done = False
         self.closed = False
+        self.session.poll(now)  # what is spooled rides the first flight, as 0-RTT data
         self._pump(now)
 
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
@@ -240,6 +243,7 @@ class HubLimits:
     max_frame_bytes: int = MAX_FRAME_BYTES  # a larger DATA frame: FRAME_TOO_LARGE, close
     idle_timeout_s: float = 90.0  # silent connections are dropped by QUIC
     max_pending_frames: int = 64  # frames held before the identity is known; beyond: close
+    handshake_timeout_s: float = 10.0  # unfinished by then: dropped, its handshake slot freed
 
 
 @dataclass(eq=False)
@@ -259,6 +263,7 @@ class HubConnection:
     held: list[tuple[int, bytes]] = field(default_factory=list)
     cids: set[bytes] = field(default_factory=set)
     timer: float | None = None
+    handshake_deadline: float | None = None  # until the handshake completes
 
     @property
     def peer_addr(self) -> Address:
@@ -322,9 +327,22 @@ class HubEndpoint:
         self._timers: list[tuple[float, int]] = []
         self._events: deque[HubEvent] = deque()
         self._stateless: list[tuple[bytes, Address]] = []
+        # Initial DCIDs refused as busy: their retransmitted Initials (sent before the refusal
+        # arrived) are refused too, instead of taking a handshake slot for a client that
+        # has already gone away to retry with a new connection.
+        self._refused: OrderedDict[bytes, None] = OrderedDict()
         self._out: list[tuple[bytes, Address]] = []
         self.counters: dict[str, int] = dict.fromkeys(
-            ("junk", "unknown_cid", "busy_refused", "auth_failed", "handshakes", "resumed"), 0
+            (
+                "junk",
+                "unknown_cid",
+                "busy_refused",
+                "auth_failed",
+                "handshakes",
+                "resumed",
+                "handshake_timeouts",
+            ),
+            0,
         )
         self.accepting = True
 
@@ -344,29 +362,43 @@ class HubEndpoint:
             and header.version is not None
             and header.version not in self._cfg.supported_versions
         ):
-            vn = encode_quic_version_negotiation(
-                source_cid=header.destination_cid,
-                destination_cid=header.source_cid,
-                supported_versions=self._cfg.supported_versions,
-            )
-            self._stateless.append((vn, addr))
+            self.counters["junk"] += 1
+            if len(data) >= _MIN_INITIAL_DATAGRAM:  # RFC 9000 5.2.2: smaller ones are dropped
+                vn = encode_quic_version_negotiation(
+                    source_cid=header.destination_cid,
+                    destination_cid=header.source_cid,
+                    supported_versions=self._cfg.supported_versions,
+                )
+                self._stateless.append((vn, addr))
             return
         conn = self._by_cid.get(header.destination_cid)
+        fresh = conn is None
         if conn is None:
-            if header.packet_type != QuicPacketType.INITIAL or len(data) < 1200:
+            if header.packet_type != QuicPacketType.INITIAL or len(data) < _MIN_INITIAL_DATAGRAM:
                 self.counters["unknown_cid"] += 1
                 return
             conn = self._accept(header, data, addr, now)
             if conn is None:
                 return
         conn.quic.receive_datagram(data, addr, now)
+        if fresh and conn.quic._state is QuicConnectionState.FIRSTFLIGHT:
+            # Nothing in it decrypted: an Initial-shaped datagram that is no client's Initial.
+            # Keeping it would hold a handshake slot until the idle timeout (200 such
+            # datagrams would lock every device out); forget it instead.
+            self.counters["junk"] += 1
+            self._forget(conn)
+            return
         self._after_input(conn, now)
 
     def _accept(self, header: Any, data: bytes, addr: Address, now: float) -> HubConnection | None:
         handshaking = sum(1 for c in self.connections.values() if not c.handshake_done)
         full = len(self.connections) >= self.limits.max_connections
-        if not self.accepting or full or handshaking >= self.limits.max_handshakes:
+        again = header.destination_cid in self._refused
+        if again or not self.accepting or full or handshaking >= self.limits.max_handshakes:
             self.counters["busy_refused"] += 1
+            self._refused[header.destination_cid] = None
+            if len(self._refused) > _REFUSED_MEMORY:
+                self._refused.popitem(last=False)
             code = ErrorCode.GOING_AWAY if not self.accepting else ErrorCode.BUSY
             reason = f"{code.name.lower()}; retry-after-ms={self.limits.busy_retry_after_ms}"
             self._stateless.append((_initial_close(header, reason), addr))
@@ -380,6 +412,7 @@ class HubEndpoint:
             session_ticket_handler=lambda t: self._store_ticket(box["c"], t),
         )
         conn = HubConnection(conn_id, quic, addr)
+        conn.handshake_deadline = now + self.limits.handshake_timeout_s
         box["c"] = conn
         quic.on_tls_ready = lambda ctx: require_client_certificate(
             ctx,
@@ -438,6 +471,8 @@ class HubEndpoint:
             self._on_datagram(conn, ev.data)
         elif isinstance(ev, qe.HandshakeCompleted):
             conn.handshake_done = True
+            conn.handshake_deadline = None
+            _release_handshake_buffers(conn.quic)
             self.counters["handshakes"] += 1
             self.counters["resumed"] += int(ev.session_resumed)
             if conn.identity is not None:
@@ -501,7 +536,7 @@ class HubEndpoint:
         self._arm(conn)
 
     def _arm(self, conn: HubConnection) -> None:
-        times = [conn.quic.get_timer()]
+        times = [conn.quic.get_timer(), conn.handshake_deadline]
         if conn.session is not None:
             times.append(conn.session.get_timer())
         t = min((x for x in times if x is not None), default=None)
@@ -574,6 +609,9 @@ class HubEndpoint:
                 conn.timer = None
                 due.append(conn)
         for conn in due:
+            if conn.handshake_deadline is not None and now >= conn.handshake_deadline:
+                self._expire_handshake(conn, now)
+                continue
             qt = conn.quic.get_timer()
             if qt is not None and qt <= now:
                 conn.quic.handle_timer(now)
@@ -582,6 +620,20 @@ class HubEndpoint:
                 if st is not None and st <= now:
                     conn.session.handle_timer(now)
             self._after_input(conn, now)
+
+    def _expire_handshake(self, conn: HubConnection, now: float) -> None:
+        """A handshake that did not finish in time: say so once, then hold nothing for it.
+
+        Its peer went away (a device that was refused busy and whose retransmitted Initial
+        got in later, a dead link) or stalls on purpose; either way it must not keep a
+        handshake slot, and a closing state would keep it a few PTOs longer.
+        """
+        self.counters["handshake_timeouts"] += 1
+        code, reason = int(ErrorCode.IDLE_TIMEOUT), "handshake timeout"
+        conn.quic.close(error_code=code, reason_phrase=reason)
+        self._out.extend(conn.quic.datagrams_to_send(now))
+        self._terminated(conn, qe.ConnectionTerminated(code, None, reason))
+        self._forget(conn)
 
     def touch(self, conn: HubConnection, now: float) -> None:
         """The shell changed a session from outside (a commit finished): flush its output."""
@@ -602,6 +654,26 @@ class HubEndpoint:
     def next_event(self) -> HubEvent | None:
         """The next hub event."""
         return self._events.popleft() if self._events else None
+
+
+def _release_handshake_buffers(quic: QuicConnection) -> None:
+    """Free aioquic's three 16 KiB TLS output buffers once a server handshake is complete.
+
+    aioquic keeps them for the connection's life, but a server TLS context past its
+    handshake never writes again: in SERVER_POST_HANDSHAKE every further handshake message
+    is refused (an alert, raised before any output), and what it wrote earlier was moved to
+    the crypto streams at once (``_push_crypto_data``), so the buffers are empty by the time
+    HandshakeCompleted is seen.  Empty zero-capacity buffers take their place.
+    """
+    buffers = getattr(quic, "_crypto_buffers", None)
+    tls_ctx = getattr(quic, "tls", None)
+    if (
+        isinstance(buffers, dict)
+        and tls_ctx is not None
+        and tls_ctx.state is tls.State.SERVER_POST_HANDSHAKE
+        and all(b.tell() == 0 for b in buffers.values())
+    ):
+        quic._crypto_buffers = {epoch: Buffer(capacity=0) for epoch in buffers}
 
 
 class _HubQuic(QuicConnection):

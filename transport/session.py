@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
-from transport.batchcodec import Record, decode_batch, encode_batch
+from transport.batchcodec import Record, decode_batch, encode_batch, validate_batch
 from transport.errors import (
     ErrorCode,
     LocalProtocolError,
@@ -285,9 +285,8 @@ class EdgeSession(_Core):
             self._send_batch(lane_id, lane, records[:half], now)
             self._send_batch(lane_id, lane, records[half:], now)
             return
-        data = Data(
-            lane_id, lane.cursor, records[0].seq, len(records), codec, payload, self._sent_new
-        )
+        first, last = records[0].seq, records[-1].seq
+        data = Data(lane_id, lane.cursor, first, last, len(records), codec, payload, self._sent_new)
         frame = encode_frame(data)
         lane.inflight.append(
             _Inflight(lane.cursor, records[0].seq, records[-1].seq, len(records), frame, now)
@@ -310,7 +309,7 @@ class EdgeSession(_Core):
         if self.state is EdgeState.HELLO_SENT:
             times.append(self._welcome_deadline)
         if self.state is EdgeState.ESTABLISHED and self._stats is not None:
-            times.append(self._last_heard + self._silence_s)
+            times.append(self._silence_deadline())
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
@@ -320,8 +319,9 @@ class EdgeSession(_Core):
         if self.state is EdgeState.HELLO_SENT and now >= self._welcome_deadline:
             self.close(ErrorCode.IDLE_TIMEOUT, "no WELCOME from the hub")
             return
-        silent = now - self._last_heard
-        if self.state is EdgeState.ESTABLISHED and self._stats and silent >= self._silence_s:
+        # the same expression as in get_timer, so a due timer always fires (float rounding)
+        if self.state is EdgeState.ESTABLISHED and self._stats and now >= self._silence_deadline():
+            silent = now - self._last_heard
             self.close(ErrorCode.IDLE_TIMEOUT, f"nothing from the hub for {silent:.0f} s")
             return
         for lane_id, lane in self._lanes.items():
@@ -331,6 +331,9 @@ class EdgeSession(_Core):
             self._datagrams.append(encode_heartbeat(Heartbeat(self._stats())))
             self._next_heartbeat = now + self.config.heartbeat_s
         self.poll(now)
+
+    def _silence_deadline(self) -> float:
+        return self._last_heard + self._silence_s
 
     def _retransmit(self, lane_id: int, lane: _EdgeLane, now: float) -> None:
         for batch in lane.inflight:
@@ -526,7 +529,7 @@ class HubSession(_Core):
     def _on_data(self, data: Data, now: float, wire_bytes: int) -> None:
         assert self.ledger is not None
         lane = self.ledger.lanes[data.lane]
-        last = data.first_seq + data.count - 1
+        last = data.last_seq
         self._seen_new = max(self._seen_new, data.offset + data.count)
         if self._seen_new > self._granted:
             raise RemoteProtocolError(ErrorCode.PROTOCOL_VIOLATION, "sent beyond CREDIT")
@@ -538,17 +541,44 @@ class HubSession(_Core):
         if last <= lane.accepted:
             self._skip_duplicates(data.lane, data.count)
             return
+        inc = self.ledger.incarnation
+        if data.first_seq > lane.accepted:  # the common case: keep the batch whole
+            self._check_subjects(
+                validate_batch(data.codec, data.payload, data.first_seq, data.count, last)
+            )
+            lane.accepted = last
+            self._events.append(
+                BatchAccepted(
+                    data.lane,
+                    inc,
+                    data.first_seq,
+                    last,
+                    data.count,
+                    data.codec,
+                    data.payload,
+                    None,
+                    wire_bytes,
+                )
+            )
+            return
         records = decode_batch(data.codec, data.payload, data.first_seq, data.count)
-        self._check_subjects(records)
-        payload: bytes | None = data.payload
-        if records[0].seq <= lane.accepted:
-            fresh = [r for r in records if r.seq > lane.accepted]
-            self._skip_duplicates(data.lane, len(records) - len(fresh))
-            records, payload = fresh, None
-        lane.accepted = records[-1].seq
+        if records[-1].seq != last:
+            raise RemoteProtocolError(ErrorCode.BAD_SEQUENCE, "last seq does not match the batch")
+        self._check_subjects(sorted({r.subject for r in records}))
+        fresh = [r for r in records if r.seq > lane.accepted]
+        self._skip_duplicates(data.lane, len(records) - len(fresh))
+        lane.accepted = fresh[-1].seq
         self._events.append(
             BatchAccepted(
-                data.lane, self.ledger.incarnation, records, data.codec, payload, wire_bytes
+                data.lane,
+                inc,
+                fresh[0].seq,
+                fresh[-1].seq,
+                len(fresh),
+                data.codec,
+                None,
+                fresh,
+                wire_bytes,
             )
         )
 
@@ -557,9 +587,9 @@ class HubSession(_Core):
         self._events.append(DuplicatesSkipped(lane, count))
         self._ack_due = True  # tell the edge again what we hold
 
-    def _check_subjects(self, records: list[Record]) -> None:
+    def _check_subjects(self, subjects: list[str]) -> None:
         prefix = self.prefix
-        for subject in {r.subject for r in records}:
+        for subject in subjects:
             if not subject.startswith(prefix) or len(subject) == len(prefix):
                 raise RemoteProtocolError(
                     ErrorCode.SUBJECT_FORBIDDEN, f"subject {subject[:80]!r} is outside {prefix}>"

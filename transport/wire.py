@@ -58,7 +58,7 @@ class Lane(IntEnum):
 LANES = tuple(Lane)
 
 _HEADER = struct.Struct("!BBI")
-_DATA_HEAD = struct.Struct("!BQQIQB")  # lane, after, first_seq, count, offset, codec
+_DATA_HEAD = struct.Struct("!BQQQIQB")  # lane, after, first_seq, last_seq, count, offset, codec
 _ACK_ITEM = struct.Struct("!BQ")
 _CREDIT = struct.Struct("!Q")
 _ERROR_HEAD = struct.Struct("!HI")  # code, retry_after_ms
@@ -91,11 +91,14 @@ class Data:
 
     ``offset`` counts the new records the edge sent earlier in this session (retransmits keep
     theirs), so the hub knows exactly how much CREDIT is used however frames are reordered.
+    Seqs of one lane are not contiguous (lanes share the device's seq space), so the header
+    carries ``last_seq`` too: the hub drops a duplicate without opening the payload.
     """
 
     lane: int
     after: int
     first_seq: int
+    last_seq: int
     count: int
     codec: int
     payload: bytes
@@ -160,7 +163,7 @@ def encode_welcome(f: Welcome) -> bytes:
 
 def encode_data(f: Data) -> bytes:
     """DATA frame bytes (payload already produced by ``batchcodec.encode_batch``)."""
-    head = _DATA_HEAD.pack(f.lane, f.after, f.first_seq, f.count, f.offset, f.codec)
+    head = _DATA_HEAD.pack(f.lane, f.after, f.first_seq, f.last_seq, f.count, f.offset, f.codec)
     return _frame(FrameType.DATA, head + f.payload)
 
 
@@ -289,16 +292,16 @@ def _decode_welcome(p: bytes) -> Welcome:
 def _decode_data(p: bytes) -> Data:
     if len(p) < _DATA_HEAD.size:
         raise WireError(ErrorCode.TRUNCATED, "DATA shorter than its header")
-    lane, after, first, count, offset, codec = _DATA_HEAD.unpack_from(p)
+    lane, after, first, last, count, offset, codec = _DATA_HEAD.unpack_from(p)
     if lane >= MAX_LANES:
         raise WireError(ErrorCode.BAD_FIELD, f"unknown lane {lane}")
     if not 0 < count <= MAX_BATCH_RECORDS:
         raise WireError(ErrorCode.LIMIT_EXCEEDED, f"batch count {count}")
-    if first == 0 or after >= first or first + count > 1 << 64:
-        raise WireError(ErrorCode.BAD_SEQUENCE, f"batch after={after} first={first}")
+    if first == 0 or after >= first or last < first or last - first + 1 < count:
+        raise WireError(ErrorCode.BAD_SEQUENCE, f"batch after={after} first={first} last={last}")
     if offset + count > 1 << 64:
         raise WireError(ErrorCode.BAD_FIELD, "DATA offset out of range")
-    return Data(lane, after, first, count, codec, bytes(p[_DATA_HEAD.size :]), offset)
+    return Data(lane, after, first, last, count, codec, bytes(p[_DATA_HEAD.size :]), offset)
 
 
 def _decode_ack(p: bytes) -> Ack:

@@ -65,9 +65,9 @@ class MemoryHub:
                 b = ev.event
                 session = ev.conn.session
                 assert session is not None and session.ledger is not None
-                for r in b.records:
+                for r in b.decoded():
                     self.log.append((session.tenant, session.device, r.seq, r.subject))
-                session.ledger.lanes[b.lane].committed = b.records[-1].seq
+                session.ledger.lanes[b.lane].committed = b.last_seq
                 session.on_committed(loop_now)
                 self.endpoint.touch(ev.conn, loop_now)
 

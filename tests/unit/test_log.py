@@ -127,7 +127,8 @@ def test_trimmed_batch_is_stored_re_encoded(log: Log) -> None:
 
 def test_pending_batch_from_a_session_event() -> None:
     records = recs("d1", 1, 2)
-    event = BatchAccepted(Lane.BULK, 3, records, CODEC_ZSTD, None, 99)
+    last = records[-1].seq
+    event = BatchAccepted(Lane.BULK, 3, 1, last, len(records), CODEC_ZSTD, None, records, 99)
     pending = PendingBatch.from_accepted("acme", "d1", event, received_us=42)
     assert pending == PendingBatch("acme", "d1", 3, Lane.BULK, records, CODEC_ZSTD, None, 42)
 

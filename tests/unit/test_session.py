@@ -113,9 +113,9 @@ class Harness:
     def commit(self) -> None:
         for ev, session in self.pending:
             ledger = self.ledgers[ev.incarnation]
-            for r in ev.records:
+            for r in ev.decoded():
                 self.log.append((ev.lane, r.seq))
-            ledger.lanes[ev.lane].committed = ev.records[-1].seq
+            ledger.lanes[ev.lane].committed = ev.last_seq
             session.on_committed(self.now)
         self.pending.clear()
 
@@ -250,7 +250,7 @@ def test_credit_withheld_by_rate_limit_then_granted() -> None:
             hub.receive_frame(f, now, len(data))
         for ev in iter(hub.next_event, None):
             if isinstance(ev, BatchAccepted):
-                ledger.lanes[ev.lane].committed = ev.records[-1].seq
+                ledger.lanes[ev.lane].committed = ev.last_seq
         hub.on_committed(now)
         for _, data in hub.frames_to_send():
             edge.receive_frame(decode_frame(data), now)
@@ -293,7 +293,7 @@ def test_ack_trims_spool_and_reports() -> None:
     edge = EdgeSession(outbox, 3, 0.0, SenderConfig(linger_s=0))
     _handshake(edge, hub)
     accepted = [e for e in iter(hub.next_event, None) if isinstance(e, BatchAccepted)]
-    assert accepted and accepted[0].records[0].subject == "acme.t1.log"
+    assert accepted and accepted[0].decoded()[0].subject == "acme.t1.log"
     ledger.lanes[Lane.BULK].committed = 1
     hub.on_committed(0.1)
     for _, data in hub.frames_to_send():
@@ -304,5 +304,5 @@ def test_ack_trims_spool_and_reports() -> None:
 
 def test_frame_encode_is_stable() -> None:
     # the same Data frame always encodes to the same bytes (retransmits reuse them)
-    d = Data(1, 0, 1, 1, 0, b"x")
+    d = Data(1, 0, 1, 1, 1, 0, b"x")
     assert encode_frame(d) == encode_frame(d)

@@ -130,6 +130,7 @@ frames = st.one_of(
         st.integers(0, 2),
         st.integers(0, 1000),
         st.integers(1001, 2000),
+        st.integers(10_000, 20_000),
         st.integers(1, MAX_BATCH_RECORDS),
         st.integers(0, 1),
         st.binary(max_size=100),
@@ -223,8 +224,35 @@ def test_batch_count_mismatch_is_refused() -> None:
 
 
 def test_data_header_rules() -> None:
-    ok = Data(1, 5, 6, 2, 1, b"x")
+    ok = Data(1, 5, 6, 9, 2, 1, b"x")
     assert decode_frame(encode_frame(ok)) == ok
-    for bad in (Data(1, 6, 6, 2, 1, b""), Data(3, 0, 6, 2, 1, b""), Data(0, 0, 0, 1, 1, b"")):
+    bads = (
+        Data(1, 6, 6, 7, 2, 1, b""),  # after >= first
+        Data(3, 0, 6, 7, 2, 1, b""),  # no lane 3
+        Data(0, 0, 0, 0, 1, 1, b""),  # seq 0
+        Data(0, 0, 6, 6, 2, 1, b""),  # two records cannot fit in 6..6
+    )
+    for bad in bads:
         with pytest.raises(WireError):
             decode_frame(encode_frame(bad))
+
+
+@given(record_lists(), st.integers(0, 400), st.integers(0, 255), st.booleans())
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+def test_validate_accepts_exactly_what_decode_accepts(
+    records: list[Record], pos: int, xor: int, compress: bool
+) -> None:
+    from transport.batchcodec import validate_batch
+
+    codec, payload = encode_batch(records, compress=compress)
+    bad = bytearray(payload)
+    if xor:
+        bad[pos % len(bad)] ^= xor
+    outcomes = []
+    for fn in (validate_batch, decode_batch):
+        try:
+            fn(codec, bytes(bad), records[0].seq, len(records))
+            outcomes.append(None)
+        except WireError as exc:
+            outcomes.append(exc.code)
+    assert (outcomes[0] is None) == (outcomes[1] is None), outcomes
