@@ -205,47 +205,62 @@ def _undelta(col: list[Any], start: int, name: str, *, u64: bool = False) -> lis
 
 
 def _encode_bodies(bodies: list[Body]) -> list[Any]:
-    """Columnar form when every body is a flat dict of scalars, else the raw list."""
-    dicts = [b for b in bodies if isinstance(b, dict)]
+    """Columnar form when every body is a dict with string keys, else the raw list."""
+    dicts = [b for b in bodies if type(b) is dict]
     if len(dicts) != len(bodies):
         return [_RAW, bodies]
     keys: dict[str, None] = {}
-    for b in dicts:
-        for k, v in b.items():
-            if not isinstance(k, str) or isinstance(v, dict | list | bytes):
-                return [_RAW, bodies]
-            keys.setdefault(k, None)
-    if len(keys) > MAX_BODY_KEYS:
+    shapes: set[tuple[str, ...]] = set()
+    for b in dicts:  # few distinct shapes in practice: one pass of tuple() per body
+        shape = tuple(b)
+        if shape not in shapes:
+            shapes.add(shape)
+            keys.update(dict.fromkeys(shape))
+    if len(keys) > MAX_BODY_KEYS or not all(type(k) is str for k in keys):
         return [_RAW, bodies]
+    uniform = len(shapes) == 1
     columns: list[Any] = []
     for k in keys:
-        present = [k in b for b in dicts]
-        vals = [b[k] for b in dicts if k in b]
-        columns.append([k, None if all(present) else present, *_encode_column(vals)])
+        if uniform:
+            present, vals = None, [b[k] for b in dicts]
+        else:
+            flags = [k in b for b in dicts]
+            present = None if all(flags) else flags
+            vals = [b[k] for b in dicts if k in b]
+        columns.append([k, present, *_encode_column(vals)])
     return [_INT_DELTA, columns]
 
 
 def _encode_column(vals: list[Any]) -> list[Any]:
-    if all(type(v) is int for v in vals) and all(-(1 << 62) < v < 1 << 62 for v in vals):
+    types = set(map(type, vals))
+    if types == {int} and min(vals) > -(1 << 62) and max(vals) < 1 << 62:
         return [_INT_DELTA, 0, _deltas(vals)]
-    if all(type(v) is float and not _is_negative_zero(v) for v in vals):
+    if types == {float}:
         scale = _decimal_scale(vals)
         if scale is not None:
-            ints = [round(v * 10**scale) for v in vals]
-            return [_SCALED_DELTA, scale, _deltas(ints)]
+            f = 10**scale
+            return [_SCALED_DELTA, scale, _deltas([round(v * f) for v in vals])]
     return [_RAW, 0, vals]
+
+
+def _decimal_scale(vals: list[float]) -> int | None:
+    """The fewest decimals that represent every value exactly, from their shortest repr."""
+    scale = 0
+    for v in vals:
+        r = repr(v)
+        dot = r.find(".")
+        if dot < 0 or "e" in r:  # inf, nan, or an exponent: not a short decimal
+            return None
+        scale = max(scale, len(r) - dot - 1)
+    if scale > _MAX_SCALE:
+        return None
+    f = 10**scale
+    ok = all(abs(v) < 1e15 / f and round(v * f) / f == v for v in vals)
+    return scale if ok and not any(map(_is_negative_zero, vals)) else None
 
 
 def _is_negative_zero(v: float) -> bool:
     return v == 0.0 and math.copysign(1.0, v) < 0
-
-
-def _decimal_scale(vals: list[float]) -> int | None:
-    for scale in range(_MAX_SCALE + 1):
-        f = 10**scale
-        if all(abs(v) < 1e15 / f and round(v * f) / f == v for v in vals):
-            return scale
-    return None
 
 
 def _decode_bodies(bodies: Any, count: int) -> list[Body]:
