@@ -259,6 +259,7 @@ class Agent:
             "seq": self.spool.last_seq,
             "drop": self.spool.take_drop_report(),
             "rtt_ms": round(self.endpoint.rtt() * 1000, 1) if self.endpoint else None,
+            "loss": round(self.endpoint.loss_estimate(), 3) if self.endpoint else None,
             "rc": self.stats.reconnects,
         }
         return stats

@@ -50,6 +50,8 @@ class DeviceInfo:
             "spool_depth": hb.get("d", {}),
             "drops": hb.get("drop", {}),
             "rtt_ms": hb.get("rtt_ms"),
+            "loss": hb.get("loss"),
+            "oldest_unsent_s": hb.get("age", {}),
             "address": self.address,
             "records": self.records,
             "duplicates": self.duplicates,

@@ -116,6 +116,9 @@ class EdgeEndpoint:
         self.session = session
         self.addr = addr
         self.quic = QuicConnection(configuration=cfg, session_ticket_handler=on_ticket)
+        self.packets_sent = 0
+        self.packets_lost = 0
+        self._count_packets()
         self.quic.connect(addr, now)
         self._streams: dict[int, int] = {}  # channel -> stream id
         self._control_reader = FrameReader()
@@ -162,6 +165,27 @@ class EdgeEndpoint:
         """Close the connection (GOING_AWAY on shutdown)."""
         if not self.closed:
             self.quic.close(error_code=int(code), reason_phrase=reason)
+
+    def _count_packets(self) -> None:
+        """Count sent and lost packets for the heartbeat's loss estimate (aioquic keeps no
+        counters: its recovery object's two hooks are wrapped, per connection)."""
+        loss: Any = self.quic._loss
+        sent, lost = loss.on_packet_sent, loss._on_packets_lost
+
+        def on_sent(**kw: Any) -> None:
+            self.packets_sent += 1
+            sent(**kw)
+
+        def on_lost(**kw: Any) -> None:
+            kw["packets"] = list(kw["packets"])
+            self.packets_lost += len(kw["packets"])
+            lost(**kw)
+
+        loss.on_packet_sent, loss._on_packets_lost = on_sent, on_lost
+
+    def loss_estimate(self) -> float:
+        """Share of this connection's packets that QUIC declared lost."""
+        return self.packets_lost / self.packets_sent if self.packets_sent else 0.0
 
     def rtt(self) -> float:
         """Smoothed RTT estimate in seconds (aioquic's recovery state)."""

@@ -304,3 +304,74 @@ def test_edge_metrics_endpoint_parses(tmp_path: Path, pki: Path) -> None:
         await hub.stop()
 
     run(main)
+
+
+def test_spool_full_evictions_reach_the_hub_in_a_heartbeat(tmp_path: Path, pki: Path) -> None:
+    from transport.errors import SpoolFullError
+
+    hub_cfg = load_hub_config(write_hub_config(tmp_path, pki))
+    edge_path = write_edge_config(tmp_path, pki, "t1", [hub_cfg.listen], spool={"max_bytes": 65536})
+
+    async def main() -> None:
+        agent = Agent(load_edge_config(edge_path))  # no hub yet: everything stays spooled
+        blob = "x" * 900
+        for i in range(150):
+            agent.publish_nowait("log.app", f"{i} {blob}", lane="bulk")
+        agent.publish_nowait("fault", {"code": "P1"}, lane="critical")
+        agent._group_commit()
+        evicted = agent.spool.evicted["bulk"]["spool-full"]
+        assert evicted > 50
+        assert agent.spool.evicted["critical"]["spool-full"] == 0
+        with pytest.raises(SpoolFullError):  # critical is refused, never evicted
+            for _ in range(200):
+                agent.publish_nowait("fault", {"code": "P2", "pad": blob}, lane="critical")
+        evicted = agent.spool.evicted["bulk"]["spool-full"]  # critical pushed out more bulk
+        hub = Hub(hub_cfg)
+        await hub.start()
+        agent.start()
+        await until(lambda: spool_empty(agent))
+        await until(lambda: bool(hub.presence.devices[("acme", "t1")].heartbeat.get("drop")))
+        drops = hub.presence.devices[("acme", "t1")].heartbeat["drop"]
+        assert drops["bulk"]["spool-full"] == evicted
+        assert drops["critical"]["refused-spool-full"] == 1  # the refusal is reported too
+        await agent.stop()
+        await hub.stop()
+
+    run(main)
+
+
+def test_json_lines_from_a_followed_file(tmp_path: Path, pki: Path) -> None:
+    hub_cfg = load_hub_config(write_hub_config(tmp_path, pki))
+    feed = tmp_path / "feed.jsonl"
+    edge_path = write_edge_config(
+        tmp_path, pki, "t1", [hub_cfg.listen], inputs={"jsonl": {"files": [str(feed)]}}
+    )
+
+    async def main() -> None:
+        hub = Hub(hub_cfg)
+        await hub.start()
+        agent = Agent(load_edge_config(edge_path))
+        agent.start()
+        inputs = await start_inputs(agent, agent.config.inputs)
+        lines = [
+            '{"subject": "telemetry.fuel", "body": {"litres": 41.5}, "attrs": {"unit": "l"}}',
+            "this is not json",
+            '{"subject": "bad subject!", "body": 1}',
+            '{"subject": "fault", "body": {"code": "P0300"}, "lane": "critical"}',
+        ]
+        feed.write_text("\n".join(lines[:2]) + "\n")
+        await asyncio.sleep(0.5)
+        with feed.open("a") as f:
+            f.write("\n".join(lines[2:]) + "\n")
+        await until(lambda: inputs.stats.counts["jsonl_lines"] == 4)
+        await until(lambda: spool_empty(agent) and agent.stats.accepted == 2)
+        assert inputs.stats.counts["jsonl_bad"] == 2
+        await inputs.stop()
+        await agent.stop()
+        await hub.stop()
+
+    run(main)
+    got = {r.subject: r for r in log_records(tmp_path / "hub.db") if r.device == "t1"}
+    assert got["acme.t1.telemetry.fuel"].body == {"litres": 41.5}
+    assert got["acme.t1.telemetry.fuel"].attrs == {"unit": "l"}
+    assert got["acme.t1.fault"].lane == Lane.CRITICAL
