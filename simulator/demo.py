@@ -54,6 +54,7 @@ class Demo:
         self.out = Path(args.out).resolve()
         self.agents: list[Agent] = []
         self.published = 0
+        self.result: dict[str, Any] = {}
 
     def _setup_pki(self) -> Path:
         pki = self.out / "certs"
@@ -106,7 +107,7 @@ class Demo:
         while not all(d.done() for d in drives):
             await asyncio.sleep(2.0)
             t = time.monotonic() - t0
-            if not outage_done and t >= a.outage_at:
+            if not outage_done and a.outage_s > 0 and t >= a.outage_at:
                 proxy.force_outage(a.outage_s)
                 outage_done = True
                 print(
@@ -163,8 +164,16 @@ class Demo:
         )
 
     def _report(self, link: Any, hub: Hub) -> int:
+        self.result = self._result(link, hub)
+        _print_result(self.result, self.out)
+        return 0 if self.result["lost"] == 0 and self.result["duplicates"] == 0 else 1
+
+    def _result(self, link: Any, hub: Hub) -> dict[str, Any]:
         accepted: dict[str, int] = {ag.device: ag.spool.last_seq for ag in self.agents}
-        evicted = sum(sum(v.values()) for ag in self.agents for v in ag.spool.evicted.values())
+        evicted: dict[str, int] = defaultdict(int)
+        for ag in self.agents:
+            for lane, reasons in ag.spool.evicted.items():
+                evicted[lane] += sum(reasons.values())
         seen: dict[str, list[int]] = defaultdict(list)
         latencies: list[float] = []
         presence = 0
@@ -183,45 +192,100 @@ class Demo:
             lost += len(set(range(1, last + 1)) - set(got))
         delivered = sum(len(set(v)) for v in seen.values())
         up, down = link.direction("up"), link.direction("down")
-        wire = (up.bytes_out + down.bytes_out) / max(delivered, 1)
-        print("\n=== squall demo: result ===")
-        print(f"records accepted by the edges : {sum(accepted.values())}")
-        print(f"records delivered (archive)   : {delivered}")
-        print(f"lost                          : {lost}")
-        print(f"duplicated                    : {duplicates}")
-        print(f"evicted by spool policy       : {evicted}")
-        lat = latencies
-        print(
-            f"accept -> hub latency ms      : p50 {_percentile(lat, 0.5):.0f}"
-            f"  p99 {_percentile(lat, 0.99):.0f}  max {max(lat, default=0):.0f}"
-        )
-        print(f"bytes on the link per record  : {wire:.1f} (UDP payload, both directions)")
         offered = sum(up.packets.values()) + sum(down.packets.values())
-        print(f"link {link.profile:24} : {up.dropped + down.dropped} packets dropped of {offered}")
-        print(f"presence changes recorded     : {presence}")
-        print(f"hub duplicates skipped        : {hub.counters['duplicates']}")
-        print(
-            f"\nwhere it went: archive {self.out / 'archive'}/acme.jsonl, log {self.out / 'hub.db'}"
-        )
-        print("alerting, syslog forwarding and WebSocket subscribers are not built yet (issue 5).")
-        if lost == 0 and duplicates == 0:
-            print("\nEverything accepted was delivered exactly once.")
-            return 0
-        print(f"\nNOT CLEAN: {lost} lost, {duplicates} duplicated.")
-        return 1
+        summary = {
+            "sent": sum(accepted.values()),
+            "delivered": delivered,
+            "duplicates": duplicates,
+            "lost": lost,
+            "evicted": dict(evicted),
+            "latency_ms": {
+                "p50": round(_percentile(latencies, 0.5), 1),
+                "p99": round(_percentile(latencies, 0.99), 1),
+                "max": round(max(latencies, default=0.0), 1),
+            },
+            "wire_bytes_per_record": round((up.bytes_out + down.bytes_out) / max(delivered, 1), 1),
+            "link_packets": offered,
+            "link_dropped": up.dropped + down.dropped,
+        }
+        return {
+            **summary,
+            "devices": len(self.agents),
+            "profile": link.profile,
+            "presence_records": presence,
+            "hub_duplicates_skipped": hub.counters["duplicates"],
+            "alerts": {"fired": None, "resolved": None, "note": "alerting is not built yet"},
+            "profiles": {link.profile: summary},
+        }
+
+
+def _print_result(r: dict[str, Any], out: Path) -> None:
+    lat = r["latency_ms"]
+    print("\n=== squall: result ===")
+    print(f"records accepted by the edges : {r['sent']}")
+    print(f"records delivered (archive)   : {r['delivered']}")
+    print(f"lost                          : {r['lost']}")
+    print(f"duplicated                    : {r['duplicates']}")
+    print(f"evicted by spool policy       : {sum(r['evicted'].values())} {r['evicted'] or ''}")
+    p50, p99, worst = lat["p50"], lat["p99"], lat["max"]
+    print(f"accept -> hub latency ms      : p50 {p50:.0f}  p99 {p99:.0f}  max {worst:.0f}")
+    wire = r["wire_bytes_per_record"]
+    print(f"bytes on the link per record  : {wire} (UDP payload, both directions)")
+    print(f"link {r['profile']:24} : {r['link_dropped']} packets dropped of {r['link_packets']}")
+    print(f"presence changes recorded     : {r['presence_records']}")
+    print(f"hub duplicates skipped        : {r['hub_duplicates_skipped']}")
+    print(f"\nwhere it went: archive {out / 'archive'}/<tenant>.jsonl, log {out / 'hub.db'}")
+    print("alerting, syslog forwarding and WebSocket subscribers are not built yet (issue 5).")
+    if r["lost"] == 0 and r["duplicates"] == 0:
+        print("\nEverything accepted was delivered exactly once.")
+    else:
+        print(f"\nNOT CLEAN: {r['lost']} lost, {r['duplicates']} duplicated.")
+
+
+def _common_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--rate", type=float, default=2.0, help="telemetry records/s per vehicle")
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds of driving")
+    ap.add_argument("--profile", default="3g-poor", help="link profile (config/links.yaml)")
+    ap.add_argument("--drain", type=float, default=90.0, help="max seconds to empty the spools")
+    ap.add_argument("--seed", type=int, default=1)
+
+
+def cli_fleet(argv: list[str]) -> int:
+    """Entry point of ``squall fleet`` (real sockets; one process runs everything)."""
+    ap = argparse.ArgumentParser(
+        prog="squall fleet",
+        description="Simulate N vehicles through the link proxy into an embedded hub, then "
+        "check every accepted record against the archive consumer and write a JSON report.",
+    )
+    ap.add_argument("--devices", type=int, default=20)
+    _common_args(ap)
+    ap.add_argument("--outage-at", type=float, default=0.0)
+    ap.add_argument("--outage-s", type=float, default=0.0, help="force one outage (0: none)")
+    ap.add_argument("--report", help="write the JSON report here")
+    ap.add_argument("--out", default="fleet-out")
+    args = ap.parse_args(argv)
+    args.vehicles = args.devices
+    if args.devices < 1 or args.rate <= 0 or args.duration <= 0:
+        print("squall fleet: --devices, --rate and --duration must be positive", file=sys.stderr)
+        return 2
+    demo = Demo(args)
+    try:
+        code = asyncio.run(demo.run())
+    except KeyboardInterrupt:
+        return 130
+    if args.report:
+        Path(args.report).write_text(json.dumps(demo.result, indent=2) + "\n")
+        print(f"report: {args.report}")
+    return code
 
 
 def cli_demo(argv: list[str]) -> int:
     """Entry point of ``squall demo`` (and ``make demo``)."""
     ap = argparse.ArgumentParser(prog="squall demo", description=__doc__)
     ap.add_argument("--vehicles", type=int, default=50)
-    ap.add_argument("--rate", type=float, default=2.0, help="telemetry records/s per vehicle")
-    ap.add_argument("--duration", type=float, default=60.0, help="seconds of driving")
-    ap.add_argument("--profile", default="3g-poor")
+    _common_args(ap)
     ap.add_argument("--outage-at", type=float, default=20.0)
     ap.add_argument("--outage-s", type=float, default=15.0)
-    ap.add_argument("--drain", type=float, default=90.0, help="max seconds to empty the spools")
-    ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default="demo-out")
     args = ap.parse_args(argv)
     try:

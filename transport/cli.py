@@ -13,7 +13,7 @@ _COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "hub": ("run the hub (QUIC ingest, durable log, HTTP API)", "hub.main:cli_hub", ""),
     "edge": ("run an edge agent (spool, sender, inputs)", "edge.main:cli_edge", ""),
     "link": ("run the UDP link-impairment proxy", "simulator.linkcli:cli_link", ""),
-    "fleet": ("simulate a fleet of vehicles against a hub", None, "the fleet simulator (issue 6)"),
+    "fleet": ("simulate a fleet of vehicles against a hub", "simulator.demo:cli_fleet", ""),
     "demo": ("run the end-to-end demo (what `make demo` runs)", "simulator.demo:cli_demo", ""),
     "certs": (
         "make a development CA, hub and device certificates",
