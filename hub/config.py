@@ -48,7 +48,9 @@ class ServerLimits:
     max_handshakes: int = 200
     busy_retry_after_ms: int = 5_000
     idle_timeout_s: float = 90.0
+    handshake_timeout_s: float = 10.0
     max_tickets: int = 100_000
+    udp_receive_buffer_bytes: int = 4 << 20
 
 
 @dataclass(slots=True)

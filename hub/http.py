@@ -63,6 +63,16 @@ class HubCollector:
         yield counter("squall_hub_busy_refused", "Connections refused as busy", ep["busy_refused"])
         yield counter("squall_hub_auth_failed", "Refused device authentications", ep["auth_failed"])
         yield counter(
+            "squall_hub_handshake_timeouts",
+            "Handshakes dropped unfinished",
+            ep["handshake_timeouts"],
+        )
+        yield counter(
+            "squall_hub_tls_backlog_exceeded",
+            "Connections closed for buffering too much TLS before auth",
+            ep["tls_backlog_exceeded"],
+        )
+        yield counter(
             "squall_hub_revoked_closed", "Sessions closed by revocation", c["revoked_closed"]
         )
         errors = CounterMetricFamily("squall_hub_errors", "Session errors by code", labels=["code"])

@@ -21,6 +21,7 @@ from hub.log import Log, LogError, PendingBatch
 from hub.presence import Presence, PresenceChange
 from transport import certs
 from transport.aio import UdpDriver, open_driver
+from transport.auth import TicketStore
 from transport.certs import DeviceIdentity
 from transport.errors import AuthError, ErrorCode
 from transport.events import (
@@ -46,7 +47,6 @@ log = logging.getLogger("squall.hub")
 # datagrams) overflows when a fleet reconnects at once (a hub restart, a cell outage ending):
 # the dropped Initials come back in synchronised retransmission waves and devices wait tens
 # of seconds.  The kernel caps the request at net.core.rmem_max (a warning says so).
-UDP_RECV_BUFFER_BYTES = 4 << 20
 
 
 def _parse_addr(text: str) -> tuple[str, int]:
@@ -84,8 +84,15 @@ class Hub:
             busy_retry_after_ms=c.server.busy_retry_after_ms,
             max_frame_bytes=c.limits.max_frame_bytes,
             idle_timeout_s=c.server.idle_timeout_s,
+            handshake_timeout_s=c.server.handshake_timeout_s,
         )
-        self.endpoint = HubEndpoint(self.tls, self._make_session, self._authorize, limits)
+        self.endpoint = HubEndpoint(
+            self.tls,
+            self._make_session,
+            self._authorize,
+            limits,
+            tickets=TicketStore(c.server.max_tickets),
+        )
         self.denied: set[str] = set()
         self.live: dict[tuple[str, str], HubConnection] = {}
         self.counters: Counter[str] = Counter()
@@ -274,7 +281,7 @@ class Hub:
         """Bind the UDP port and start the periodic work."""
         host, port = _parse_addr(self.config.listen)
         self.driver = await open_driver(self.endpoint, (host, port), self._after)
-        _grow_recv_buffer(self.driver, UDP_RECV_BUFFER_BYTES)
+        _grow_recv_buffer(self.driver, self.config.server.udp_receive_buffer_bytes)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._every(1.0, self._tick)))
         self._tasks.append(loop.create_task(self._every(60.0, self._retention)))
@@ -332,7 +339,7 @@ def _grow_recv_buffer(driver: UdpDriver, want: int) -> int:
     sock = driver.transport.get_extra_info("socket")
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, want)
-    got = int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)) // 2  # Linux reports 2x
+    got = int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))  # Linux: 2x, with overhead
     if got < want:
         log.warning("UDP receive buffer is %d bytes, not %d: raise net.core.rmem_max", got, want)
     return got

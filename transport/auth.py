@@ -40,6 +40,7 @@ _PINNED = (
     "_server_handle_certificate_verify",
     "_peer_certificate",
     "_peer_certificate_chain",
+    "_receive_buffer",  # hub: bounds TLS bytes buffered before auth (transport/quic.py)
 )
 
 

@@ -100,7 +100,7 @@ def decode_batch(codec: int, payload: bytes, first_seq: int, count: int) -> list
     out: list[Record] = []
     for i in range(count):
         j = subj_idx[i]
-        if not isinstance(j, int) or not 0 <= j < len(subjects):
+        if type(j) is not int or not 0 <= j < len(subjects):
             raise WireError(ErrorCode.BAD_FIELD, f"subject index {j!r} out of range")
         out.append(Record(seqs[i], ts[i], subjects[j], _check_attrs(attrs[i]), body_values[i]))
     return out

@@ -47,6 +47,10 @@ from transport.wire import FrameReader, decode_datagram
 Address = tuple[Any, ...]
 _MIN_INITIAL_DATAGRAM = 1200  # RFC 9000 section 14.1: a client's first datagram is at least this
 _REFUSED_MEMORY = 8192  # refused Initial DCIDs remembered; beyond: the oldest are forgotten
+# TLS bytes one connection may have buffered towards an unfinished handshake message.  A
+# ClientHello or a device's certificate chain is a few KiB; aioquic by itself waits for
+# whatever length the peer claims (up to 16 MiB), even before the peer has authenticated.
+_MAX_TLS_BACKLOG = 64 * 1024
 _RETRY_RE = re.compile(r"retry-after-ms=(\d+)")
 _MAX_STREAMS = 4  # control + three lanes
 
@@ -365,6 +369,7 @@ class HubEndpoint:
                 "handshakes",
                 "resumed",
                 "handshake_timeouts",
+                "tls_backlog_exceeded",
             ),
             0,
         )
@@ -405,6 +410,11 @@ class HubEndpoint:
             if conn is None:
                 return
         conn.quic.receive_datagram(data, addr, now)
+        if _tls_backlog(conn.quic) > _MAX_TLS_BACKLOG:
+            self.counters["tls_backlog_exceeded"] += 1
+            error = int(QuicErrorCode.CRYPTO_BUFFER_EXCEEDED)  # a transport error: CRYPTO frame
+            self._drop(conn, now, error, "TLS message too large", QuicFrameType.CRYPTO)
+            return
         if fresh and conn.quic._state is QuicConnectionState.FIRSTFLIGHT:
             # Nothing in it decrypted: an Initial-shaped datagram that is no client's Initial.
             # Keeping it would hold a handshake slot until the idle timeout (200 such
@@ -545,8 +555,12 @@ class HubEndpoint:
     def _flush_session(self, conn: HubConnection, now: float) -> None:
         session = conn.session
         if session is not None:
-            for _, data in session.frames_to_send():
-                conn.quic.send_stream_data(0, data)
+            frames = session.frames_to_send()
+            # Stream 0 is the device's: until it has opened it (its HELLO), aioquic refuses to
+            # send on it.  Only an ERROR can be due then, and the close below carries it too.
+            if 0 in conn.readers:
+                for _, data in frames:
+                    conn.quic.send_stream_data(0, data)
             closing: SessionClosed | None = None
             while (sev := session.next_event()) is not None:
                 if isinstance(sev, SessionClosed):
@@ -634,7 +648,8 @@ class HubEndpoint:
                 due.append(conn)
         for conn in due:
             if conn.handshake_deadline is not None and now >= conn.handshake_deadline:
-                self._expire_handshake(conn, now)
+                self.counters["handshake_timeouts"] += 1
+                self._drop(conn, now, int(ErrorCode.IDLE_TIMEOUT), "handshake timeout")
                 continue
             qt = conn.quic.get_timer()
             if qt is not None and qt <= now:
@@ -645,16 +660,22 @@ class HubEndpoint:
                     conn.session.handle_timer(now)
             self._after_input(conn, now)
 
-    def _expire_handshake(self, conn: HubConnection, now: float) -> None:
-        """A handshake that did not finish in time: say so once, then hold nothing for it.
+    def _drop(
+        self,
+        conn: HubConnection,
+        now: float,
+        code: int,
+        reason: str,
+        frame_type: QuicFrameType | None = None,
+    ) -> None:
+        """Close a connection, say so once, and hold nothing more for it at once.
 
-        Its peer went away (a device that was refused busy and whose retransmitted Initial
-        got in later, a dead link) or stalls on purpose; either way it must not keep a
-        handshake slot, and a closing state would keep it a few PTOs longer.
+        For handshakes that did not finish in time (the peer went away -- a device refused
+        busy whose retransmitted Initial got in later, a dead link -- or stalls on purpose)
+        and peers that make TLS buffer too much: neither may keep a handshake slot or
+        memory for the few PTOs of a closing state.
         """
-        self.counters["handshake_timeouts"] += 1
-        code, reason = int(ErrorCode.IDLE_TIMEOUT), "handshake timeout"
-        conn.quic.close(error_code=code, reason_phrase=reason)
+        conn.quic.close(error_code=code, frame_type=frame_type, reason_phrase=reason)
         self._out.extend(conn.quic.datagrams_to_send(now))
         self._terminated(conn, qe.ConnectionTerminated(code, None, reason))
         self._forget(conn)
@@ -678,6 +699,11 @@ class HubEndpoint:
     def next_event(self) -> HubEvent | None:
         """The next hub event."""
         return self._events.popleft() if self._events else None
+
+
+def _tls_backlog(quic: QuicConnection) -> int:
+    """Bytes aioquic's TLS context holds towards a handshake message not yet complete."""
+    return len(getattr(getattr(quic, "tls", None), "_receive_buffer", b""))
 
 
 def _release_handshake_buffers(quic: QuicConnection) -> None:
