@@ -29,7 +29,7 @@ class SpoolConfig:
     path: str = "spool.db"
     max_bytes: int = 256 * 1024 * 1024
     durability: Literal["always", "batch"] = "batch"
-    group_commit_ms: int = 20
+    group_commit_ms: int = 50
 
     def validate(self) -> None:
         """Reject impossible values."""
@@ -44,7 +44,7 @@ class SenderSettings:
     """Batching and windows."""
 
     batch_max_records: int = 100
-    linger_ms: int = 50
+    linger_ms: int = 500  # telemetry and bulk; the critical lane never waits
     window_records: int = 2000
     heartbeat_s: float = 10.0
     idle_timeout_s: float = 60.0

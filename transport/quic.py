@@ -135,6 +135,8 @@ class EdgeEndpoint:
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         """A UDP datagram from the hub."""
         self.quic.receive_datagram(data, addr, now)
+        if addr[:2] == self.addr[:2]:
+            self.session.heard(now)
         self._drain(now)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:

@@ -49,6 +49,7 @@ from transport.wire import (
     Frame,
     Heartbeat,
     Hello,
+    Lane,
     Welcome,
     encode_frame,
     encode_heartbeat,
@@ -78,7 +79,8 @@ class SenderConfig:
     """Batching and windowing knobs of the edge session."""
 
     batch_max_records: int = 100
-    linger_s: float = 0.05
+    linger_s: float = 0.05  # telemetry and bulk wait this long for a batch to fill
+    critical_linger_s: float = 0.0  # an alarm goes out at once
     window_records: int = 2000  # unacknowledged records per lane
     rto_s: float = 15.0  # retransmit safety net; QUIC streams are reliable within a connection
     rto_max_s: float = 60.0
@@ -266,8 +268,9 @@ class EdgeSession(_Core):
             count, oldest = self._outbox.pending_info(lane_id, lane.cursor)
             if count == 0 or oldest is None:
                 return
-            if count < min(room, cfg.batch_max_records) and now < oldest + cfg.linger_s:
-                due = oldest + cfg.linger_s
+            linger = cfg.critical_linger_s if lane_id == Lane.CRITICAL else cfg.linger_s
+            if count < min(room, cfg.batch_max_records) and now < oldest + linger:
+                due = oldest + linger
                 self._linger_at = due if self._linger_at is None else min(self._linger_at, due)
                 return
             records = self._outbox.pending(lane_id, lane.cursor, room)
@@ -328,9 +331,20 @@ class EdgeSession(_Core):
             if lane.inflight and now >= lane.inflight[0].sent_at + lane.rto:
                 self._retransmit(lane_id, lane, now)
         if self.state is EdgeState.ESTABLISHED and self._stats and now >= self._next_heartbeat:
-            self._datagrams.append(encode_heartbeat(Heartbeat(self._stats())))
+            stats = self._stats()
+            if self.credit_blocked():
+                stats["cb"] = 1
+            self._datagrams.append(encode_heartbeat(Heartbeat(stats)))
             self._next_heartbeat = now + self.config.heartbeat_s
         self.poll(now)
+
+    def heard(self, now: float) -> None:
+        """Any packet from the hub arrived (QUIC ACKs count): the hub is alive."""
+        self._last_heard = max(self._last_heard, now)
+
+    def credit_blocked(self) -> bool:
+        """True when every record the credit allows is sent (the hub must grant more)."""
+        return self._sent_new >= self._credit
 
     def _silence_deadline(self) -> float:
         return self._last_heard + self._silence_s
@@ -472,7 +486,8 @@ class HubSession(_Core):
         """A heartbeat datagram (ignored before HELLO)."""
         if self.state is HubState.ESTABLISHED:
             self._events.append(HeartbeatReceived(hb.stats))
-            self._send(CONTROL, Credit(self._granted))  # repairs a CREDIT lost or reordered
+            if hb.stats.get("cb"):  # the edge is out of credit: repeat the grant (cheap repair)
+                self._send(CONTROL, Credit(self._granted))
 
     def _on_frame(self, frame: Frame, now: float, wire_bytes: int) -> None:
         if isinstance(frame, Hello):
