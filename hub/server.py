@@ -307,7 +307,10 @@ class Hub:
         self.publish_presence(self.presence.take_changes())
 
     def _retention(self) -> None:
-        self.log.apply_retention(time.time())
+        # never drop what a durable consumer has not read yet (unless the hard size limit says so)
+        offsets = self.log.consumer_offsets()
+        protect = min(offsets.values()) + 1 if offsets else None
+        self.log.apply_retention(time.time(), protect_from=protect)
 
     async def stop(self) -> None:
         """Stop accepting, finish commits, close sessions with GOING_AWAY, close the log."""
