@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import logging
 import signal
-import sys
 
 from edge.config import EdgeConfig, load_edge_config
-from transport.errors import SquallError
+from transport.cli import run_service
 
 
 def cli_edge(argv: list[str]) -> int:
     """Entry point; exit 0 after a clean shutdown, 2 on a configuration error."""
-    ap = argparse.ArgumentParser(prog="squall edge", description=__doc__)
-    ap.add_argument("--config", required=True, help="edge YAML (see config/edge.yaml)")
-    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    try:
-        cfg = load_edge_config(args.config)
-    except SquallError as exc:
-        print(f"squall edge: {exc}", file=sys.stderr)
-        return 2
-    try:
-        return asyncio.run(_run(cfg))
-    except SquallError as exc:
-        print(f"squall edge: {exc}", file=sys.stderr)
-        return 1
+    return run_service(argv, "edge", __doc__, load_edge_config, _run)
 
 
 async def _run(cfg: EdgeConfig) -> int:

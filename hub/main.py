@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
-import sys
 
 from hub.config import load_hub_config
-from transport.errors import SquallError
+from transport.cli import run_service
 
 
 def cli_hub(argv: list[str]) -> int:
     """Entry point; exit 0 after a clean shutdown, 2 on a configuration error."""
-    ap = argparse.ArgumentParser(prog="squall hub", description=__doc__)
-    ap.add_argument("--config", required=True, help="hub YAML (see config/hub.yaml)")
-    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    try:
-        cfg = load_hub_config(args.config)
-    except SquallError as exc:
-        print(f"squall hub: {exc}", file=sys.stderr)
-        return 2
-    try:
-        return asyncio.run(_run(cfg))
-    except SquallError as exc:
-        print(f"squall hub: {exc}", file=sys.stderr)
-        return 1
+    return run_service(argv, "hub", __doc__, load_hub_config, _run)
 
 
 async def _run(cfg: object) -> int:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
+import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 # subcommand -> (summary, "module:function" taking argv and returning an exit code, or None
 # with the reason it is not available yet)
@@ -61,3 +64,31 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def run_service(
+    argv: list[str],
+    name: str,
+    doc: str | None,
+    load: Callable[[str], Any],
+    run: Callable[[Any], Coroutine[Any, Any, int]],
+) -> int:
+    """The common shell of ``squall hub`` and ``squall edge``: parse, load the config (exit
+    2 with one line naming file and key on error), run until signalled (exit 1 on failure)."""
+    ap = argparse.ArgumentParser(prog=f"squall {name}", description=doc)
+    ap.add_argument("--config", required=True, help=f"{name} YAML (see config/{name}.yaml)")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    from transport.errors import SquallError
+
+    try:
+        cfg = load(args.config)
+    except SquallError as exc:
+        print(f"squall {name}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(run(cfg))
+    except SquallError as exc:
+        print(f"squall {name}: {exc}", file=sys.stderr)
+        return 1

@@ -376,6 +376,7 @@ class HubEndpoint:
             0,
         )
         self.accepting = True
+        self.handshaking = 0  # connections not yet past their handshake (kept, not scanned)
 
     # -- datagrams in ---------------------------------------------------------
 
@@ -427,7 +428,7 @@ class HubEndpoint:
         self._after_input(conn, now)
 
     def _accept(self, header: Any, data: bytes, addr: Address, now: float) -> HubConnection | None:
-        handshaking = sum(1 for c in self.connections.values() if not c.handshake_done)
+        handshaking = self.handshaking
         full = len(self.connections) >= self.limits.max_connections
         again = header.destination_cid in self._refused
         if again or not self.accepting or full or handshaking >= self.limits.max_handshakes:
@@ -458,6 +459,7 @@ class HubEndpoint:
             self._clock,
         )
         self.connections[conn_id] = conn
+        self.handshaking += 1
         self._register_cid(conn, header.destination_cid)
         self._register_cid(conn, quic.host_cid)
         return conn
@@ -507,6 +509,7 @@ class HubEndpoint:
             self._on_datagram(conn, ev.data)
         elif isinstance(ev, qe.HandshakeCompleted):
             conn.handshake_done = True
+            self.handshaking -= 1
             conn.handshake_deadline = None
             _release_handshake_buffers(conn.quic)
             self.counters["handshakes"] += 1
@@ -604,7 +607,8 @@ class HubEndpoint:
         for cid in conn.cids:
             if self._by_cid.get(cid) is conn:
                 del self._by_cid[cid]
-        self.connections.pop(conn.conn_id, None)
+        if self.connections.pop(conn.conn_id, None) is not None and not conn.handshake_done:
+            self.handshaking -= 1
         self._dirty.discard(conn)
 
     # -- output and timers -------------------------------------------------------
