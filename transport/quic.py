@@ -10,6 +10,7 @@ by connection ID, so a device keeps its session across NAT rebinding.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import os
@@ -21,6 +22,7 @@ from typing import Any
 
 from aioquic import tls
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
+from aioquic.quic import connection as _aioquic_connection
 from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection, QuicConnectionState
@@ -45,6 +47,11 @@ from transport.session import CONTROL, EdgeSession, HubSession
 from transport.wire import FrameReader, decode_datagram
 
 Address = tuple[Any, ...]
+
+# aioquic builds ~33 identical frozensets per connection from EPOCHS("...") shortcuts
+# (~7 KB of every idle session). They are immutable and the shortcuts are literals, so
+# one shared set per shortcut is the same value: memoise the function process-wide.
+_aioquic_connection.EPOCHS = functools.lru_cache(maxsize=64)(_aioquic_connection.EPOCHS)
 _MIN_INITIAL_DATAGRAM = 1200  # RFC 9000 section 14.1: a client's first datagram is at least this
 _REFUSED_MEMORY = 8192  # refused Initial DCIDs remembered; beyond: the oldest are forgotten
 # TLS bytes one connection may have buffered towards an unfinished handshake message.  A
