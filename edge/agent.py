@@ -177,7 +177,6 @@ class Agent:
         self._run_task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while not self._stopping:
             host, port = parse_hostport(self.reconnector.current)
             lost = await self._session(host, port)
@@ -187,7 +186,6 @@ class Agent:
             retry_s = lost.retry_after_ms / 1000 if lost else 0.0
             at = self.reconnector.on_failure(time.monotonic(), retry_s)
             await asyncio.sleep(max(0.0, at - time.monotonic()))
-        _ = loop
 
     async def _session(self, host: str, port: int) -> ConnectionLost | None:
         loop = asyncio.get_running_loop()
@@ -220,7 +218,8 @@ class Agent:
             session_protect(self.spool, session)
             self._schedule_commit()  # acks trim the spool; their deletes ride the next commit
 
-        self._driver = await open_driver(endpoint, ("0.0.0.0", 0), after)
+        local = ("::", 0) if ":" in addr[0] else ("0.0.0.0", 0)
+        self._driver = await open_driver(endpoint, local, after)
         self._driver.flush()
         try:
             await self._lost.wait()
