@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -134,7 +133,6 @@ def test_wiped_spool_starts_a_new_incarnation_that_is_not_deduplicated(
     assert sorted(r.seq for r in data) == sorted(list(range(1, 11)) * 2)
 
 
-@pytest.mark.skipif(shutil.which("logger") is None, reason="util-linux logger is installed by make")
 def test_syslog_from_real_logger_over_udp_and_tcp(tmp_path: Path, pki: Path) -> None:
     hub_cfg = load_hub_config(write_hub_config(tmp_path, pki))
     udp, tcp = free_port(), free_port(kind=1)
