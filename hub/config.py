@@ -63,6 +63,13 @@ class LogSettings:
     group_commit_records: int = 20_000
     retention_max_age_s: float = 7 * 24 * 3600.0
     retention_max_bytes: int = 10 * 1024**3
+    retention_hard_max_bytes: int = 0  # 0: none; above it, unread data goes too (counted)
+
+    def validate(self) -> None:
+        """Reject impossible values."""
+        hard = self.retention_hard_max_bytes
+        if hard and hard < self.retention_max_bytes:
+            raise ValueError("log.retention_hard_max_bytes must not be below retention_max_bytes")
 
 
 @dataclass(slots=True)

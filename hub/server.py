@@ -70,6 +70,7 @@ class Hub:
             synchronous=c.log.synchronous,
             retention_max_age_s=c.log.retention_max_age_s,
             retention_max_bytes=c.log.retention_max_bytes,
+            retention_hard_max_bytes=c.log.retention_hard_max_bytes or None,
         )
         self.ledgers: dict[tuple[str, str], dict[int, DeviceLedger]] = self.log.load_ledgers()
         self.presence = Presence(

@@ -1,0 +1,44 @@
+"""The commented example configs in config/ hold exactly the keys and types the code reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge.config import EdgeConfig
+from hub.config import HubConfig
+from transport.configload import build, load_yaml
+from transport.errors import ConfigError
+
+CONFIG = Path(__file__).resolve().parents[2] / "config"
+
+
+def test_hub_example_matches_the_code_and_its_defaults() -> None:
+    cfg = build(HubConfig, load_yaml(CONFIG / "hub.yaml"), path="hub.yaml")
+    assert cfg.limits.window_records == 8000 and cfg.server.handshake_timeout_s == 10.0
+    assert cfg.log.retention_hard_max_bytes == 0 and cfg.http.listen == "127.0.0.1:8080"
+
+
+def test_edge_example_matches_the_code_and_its_defaults() -> None:
+    cfg = build(EdgeConfig, load_yaml(CONFIG / "edge.yaml"), path="edge.yaml")
+    assert cfg.sender.linger_ms == 500 and cfg.spool.group_commit_ms == 50
+    assert cfg.spool.durability == "batch" and cfg.inputs.syslog.max_message_bytes == 8192
+
+
+def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
+    bad = tmp_path / "hub.yaml"
+    bad.write_text("tls: {cert: a, key: b, device_ca: c}\nlog: {pathh: x}\n")
+    with pytest.raises(ConfigError) as exc:
+        build(HubConfig, load_yaml(bad), path=str(bad))
+    assert exc.value.key == "log.pathh" and str(bad) in str(exc.value)
+
+
+def test_hard_limit_below_soft_limit_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "hub.yaml"
+    bad.write_text(
+        "tls: {cert: a, key: b, device_ca: c}\n"
+        "log: {retention_max_bytes: 100, retention_hard_max_bytes: 10}\n"
+    )
+    with pytest.raises(ConfigError, match="retention_hard_max_bytes"):
+        build(HubConfig, load_yaml(bad), path=str(bad))
