@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _common import machine, machine_line, pin
 from aioquic import tls
 
 from simulator.telemetry import Drive
@@ -50,10 +50,10 @@ from transport.session import (
 from transport.wire import Lane
 
 
-def pin(cpu: int) -> None:
+def pin_to(cpu: int) -> None:
     """Pin this process to one CPU when the machine has it."""
-    if hasattr(os, "sched_setaffinity") and cpu < (os.cpu_count() or 1):
-        os.sched_setaffinity(0, {cpu})
+    if cpu < (os.cpu_count() or 1):
+        pin({cpu})
 
 
 # --- hub process ------------------------------------------------------------------
@@ -61,7 +61,7 @@ def pin(cpu: int) -> None:
 
 async def hub_main(ca_dir: Path) -> None:
     """A hub that commits in memory and prints its port, then counts until stdin closes."""
-    pin(0)
+    pin_to(0)
     ca = certs.load_cert(ca_dir / "ca.pem")
     files = HubTls(certs.load_cert(ca_dir / "hub.pem"), certs.load_key(ca_dir / "hub.key"), [ca])
     ledgers: dict[tuple[str, int], DeviceLedger] = {}
@@ -263,7 +263,7 @@ async def reconnect_rtts(port: int, files: EdgeTls, rtt_ms: float = 300.0) -> fl
 
 
 async def bench(records_n: int) -> dict[str, Any]:
-    pin(1)
+    pin_to(1)
     with tempfile.TemporaryDirectory() as tmp:
         ca_dir = Path(tmp)
         certs.init_dir(ca_dir)
@@ -298,15 +298,6 @@ async def bench(records_n: int) -> dict[str, Any]:
     return out
 
 
-def machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "processor": platform.processor() or platform.machine(),
-    }
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--role", choices=["bench", "hub"], default="bench")
@@ -321,7 +312,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(res))
     else:
-        print(f"machine: {machine()}")
+        print(machine_line(machine()))
         for k, v in res.items():
             print(f"{k:32} {v}")
     return 0

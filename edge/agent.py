@@ -256,7 +256,7 @@ class Agent:
             "d": {str(int(k)): [v[0], v[1]] for k, v in depth.items()},
             "age": {str(int(k)): round(v, 1) for k, v in ages.items() if v is not None},
             "seq": self.spool.last_seq,
-            "drop": self.spool.take_drop_report(),
+            "drop": self.spool.drop_totals(),  # totals: a lost heartbeat loses no count
             "rtt_ms": round(self.endpoint.rtt() * 1000, 1) if self.endpoint else None,
             "loss": round(self.endpoint.loss_estimate(), 3) if self.endpoint else None,
             "rc": self.stats.reconnects,

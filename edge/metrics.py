@@ -37,7 +37,9 @@ class AgentCollector:
         )
         yield CounterMetricFamily("squall_edge_acked", "Records acknowledged", value=a.stats.acked)
         yield CounterMetricFamily(
-            "squall_edge_retransmitted", "Records sent again", value=a.stats.retransmitted
+            "squall_edge_retransmitted",
+            "Records sent again",
+            value=a.stats.retransmitted + (a.endpoint.session.retransmitted if a.endpoint else 0),
         )
         yield CounterMetricFamily("squall_edge_reconnects", "Reconnects", value=a.stats.reconnects)
         yield CounterMetricFamily(

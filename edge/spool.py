@@ -68,7 +68,7 @@ then ``telemetry``; ``critical`` evicts ``bulk`` then ``telemetry``.  ``critical
 never evicted.  Records at or below ``protect(lane, upto)`` (the sender's in-flight
 mark) are not evicted.  When the evictable bytes cannot make room nothing is
 evicted and ``SpoolFullError`` is raised.  Every eviction and refusal is counted
-per lane and reason (``evicted``, ``refused``, ``take_drop_report()``).
+per lane and reason (``evicted``, ``refused``, ``drop_totals()``).
 """
 
 from __future__ import annotations
@@ -429,7 +429,7 @@ class Spool:
         self.accepted = 0
         self._evicted = {_NAME[lane]: {REASON_EVICTED: 0} for lane in LANES}
         self._refused = {_NAME[lane]: 0 for lane in LANES}
-        self._unreported: dict[str, dict[str, int]] = {}
+        self._drops: dict[str, dict[str, int]] = {}  # nonzero only, for heartbeats
 
     def _load_index(self, now: float) -> None:
         """Read seq, size and accept time of every row; times are clamped to ``now``.
@@ -569,7 +569,7 @@ class Spool:
         if n:
             if reason == REASON_EVICTED:
                 self._evicted[lane][reason] += n
-            per_lane = self._unreported.setdefault(lane, {})
+            per_lane = self._drops.setdefault(lane, {})
             per_lane[reason] = per_lane.get(reason, 0) + n
 
     def _touch(self, now: float) -> None:
@@ -764,10 +764,13 @@ class Spool:
             out[lane] = max(0.0, now - q.times[i]) if i < q.end else None
         return out
 
-    def take_drop_report(self) -> dict[str, dict[str, int]]:
-        """Evictions and refusals since the last report: lane name -> reason -> records."""
-        report, self._unreported = self._unreported, {}
-        return report
+    def drop_totals(self) -> dict[str, dict[str, int]]:
+        """Evictions and refusals since this spool was opened: lane name -> reason -> records.
+
+        Cumulative on purpose: heartbeats are unreliable datagrams, so each one carries the
+        totals and a lost heartbeat loses nothing (a delta report would vanish with it).
+        """
+        return {lane: dict(reasons) for lane, reasons in self._drops.items()}
 
     # -- lifecycle ---------------------------------------------------------------
 

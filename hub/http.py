@@ -8,6 +8,7 @@ those endpoints refuse every request (401) rather than run open.
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -23,7 +24,6 @@ from prometheus_client.core import (
 from hub.server import Hub
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class HubCollector:
@@ -31,9 +31,6 @@ class HubCollector:
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
-        self._buckets = [0] * len(_BUCKETS)
-        self._sum = 0.0
-        self._count = 0
 
     def collect(self) -> Iterator[Metric]:
         """prometheus_client collector protocol."""
@@ -75,6 +72,9 @@ class HubCollector:
         yield counter(
             "squall_hub_revoked_closed", "Sessions closed by revocation", c["revoked_closed"]
         )
+        yield counter(
+            "squall_hub_behind", "Devices that had acked records this hub lacks", c["hub_behind"]
+        )
         errors = CounterMetricFamily("squall_hub_errors", "Session errors by code", labels=["code"])
         for code, n in sorted(hub.errors.items()):
             errors.add_metric([code], n)
@@ -88,20 +88,11 @@ class HubCollector:
         yield self._commit_histogram()
 
     def _commit_histogram(self) -> HistogramMetricFamily:
-        samples, self.hub.commit_seconds = self.hub.commit_seconds, []
-        for s in samples:
-            self._sum += s
-            self._count += 1
-            for i, b in enumerate(_BUCKETS):
-                if s <= b:
-                    self._buckets[i] += 1
-        cumulative = [(str(b), n) for b, n in zip(_BUCKETS, self._buckets, strict=True)]
-        cumulative.append(("+Inf", self._count))
+        h = self.hub.commit_latency
+        buckets = [(str(b), n) for b, n in zip(h.BOUNDS, h.counts, strict=True)]
+        buckets.append(("+Inf", h.total))
         return HistogramMetricFamily(
-            "squall_hub_commit_seconds",
-            "Group commit latency",
-            buckets=cumulative,
-            sum_value=self._sum,
+            "squall_hub_commit_seconds", "Group commit latency", buckets=buckets, sum_value=h.sum
         )
 
 
@@ -139,8 +130,6 @@ def make_app(hub: Hub) -> web.Application:
         info = hub.presence.devices.get(key)
         if info is None:
             return _error(404, f"no device {key[0]}/{key[1]}")
-        import time
-
         return web.json_response(info.as_json(time.time()))
 
     async def reload(request: web.Request) -> web.Response:

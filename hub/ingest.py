@@ -30,6 +30,25 @@ class Accepted(Generic[K]):
     received_at: float
 
 
+class LatencyHistogram:
+    """Fixed buckets (seconds), cumulative counts: constant memory however long the hub runs."""
+
+    BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(self.BOUNDS)  # observations <= each bound
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Count one observation."""
+        self.total += 1
+        self.sum += seconds
+        for i, bound in enumerate(self.BOUNDS):
+            if seconds <= bound:
+                self.counts[i] += 1
+
+
 class GroupCommit(Generic[K]):
     """Collects accepted batches; decides when a group is due."""
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hub.config import HubConfig
-from hub.ingest import Accepted, GroupCommit
+from hub.ingest import Accepted, GroupCommit, LatencyHistogram
 from hub.log import Log, LogError, PendingBatch
 from hub.presence import Presence, PresenceChange
 from transport import certs
@@ -28,6 +28,7 @@ from transport.events import (
     BatchAccepted,
     DuplicatesSkipped,
     HeartbeatReceived,
+    HelloReceived,
     SessionClosed,
 )
 from transport.quic import (
@@ -98,7 +99,7 @@ class Hub:
         self.live: dict[tuple[str, str], HubConnection] = {}
         self.counters: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
-        self.commit_seconds: list[float] = []  # since the last scrape (bounded below)
+        self.commit_latency = LatencyHistogram()
         self.driver: UdpDriver | None = None
         self._commit_timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -209,6 +210,15 @@ class Hub:
             self.counters["records_in"] += ev.count
             self.counters["bytes_in"] += ev.wire_bytes
             self.presence.heard(ident.tenant, ident.device, wall, ev.last_seq, ev.count)
+        elif isinstance(ev, HelloReceived) and ev.behind:
+            self.counters["hub_behind"] += 1
+            log.error(
+                "device %s/%s was told its records were committed but this hub lacks them "
+                "(lane: edge mark, hub mark): %s — was the log restored or replaced?",
+                ident.tenant,
+                ident.device,
+                ev.behind,
+            )
         elif isinstance(ev, HeartbeatReceived):
             self.presence.heartbeat(ident.tenant, ident.device, ev.stats, wall)
         elif isinstance(ev, DuplicatesSkipped):
@@ -247,8 +257,7 @@ class Hub:
             self._flush()
             return
         elapsed = time.perf_counter() - t0
-        if len(self.commit_seconds) < 100_000:
-            self.commit_seconds.append(elapsed)
+        self.commit_latency.observe(elapsed)
         self.counters["commits"] += 1
         self.counters["records_committed"] += sum(p.count for p in pending)
         now = self._now()

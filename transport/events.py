@@ -46,10 +46,16 @@ class SessionClosed:
 
 @dataclass(frozen=True, slots=True)
 class HelloReceived:
-    """Hub: the edge said HELLO for ``incarnation``."""
+    """Hub: the edge said HELLO for ``incarnation``.
+
+    ``behind`` lists lanes where the hub holds less than the edge was told it acknowledged
+    (lane -> (edge's mark, hub's mark)): the hub lost committed data (a restored or
+    replaced log).  Those records are gone from the edge too; the hub must say so loudly.
+    """
 
     incarnation: int
     agent: str
+    behind: dict[int, tuple[int, int]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -528,7 +528,13 @@ class HubSession(_Core):
                 hello.incarnation, held, self._granted, self.config.heartbeat_ms, int(now * 1e6)
             ),
         )
-        self._events.append(HelloReceived(hello.incarnation, hello.agent))
+        held = self.ledger.held()
+        behind = {
+            lane: (mark, held.get(lane, 0))
+            for lane, mark in hello.acked.items()
+            if mark > held.get(lane, 0)
+        }
+        self._events.append(HelloReceived(hello.incarnation, hello.agent, behind))
         early, self._early = self._early, []
         for data, wire_bytes in early:
             self._on_data(data, now, wire_bytes)

@@ -11,7 +11,14 @@ import pytest
 
 from transport.batchcodec import Record
 from transport.errors import ErrorCode
-from transport.events import Acked, BatchAccepted, PeerError, SessionClosed, Welcomed
+from transport.events import (
+    Acked,
+    BatchAccepted,
+    HelloReceived,
+    PeerError,
+    SessionClosed,
+    Welcomed,
+)
 from transport.memoutbox import MemoryOutbox
 from transport.session import (
     CONTROL,
@@ -310,3 +317,16 @@ def test_frame_encode_is_stable() -> None:
     # the same Data frame always encodes to the same bytes (retransmits reuse them)
     d = Data(1, 0, 1, 1, 1, 0, b"x")
     assert encode_frame(d) == encode_frame(d)
+
+
+def test_hub_that_lost_acked_data_says_so_in_hello() -> None:
+    outbox = MemoryOutbox()
+    outbox.acked(Lane.TELEMETRY, 40)  # the edge was told 1..40 are committed
+    edge = EdgeSession(outbox, 9, 0.0, SenderConfig(linger_s=0))
+    ledger = DeviceLedger(9)
+    ledger.lanes[Lane.TELEMETRY].committed = ledger.lanes[Lane.TELEMETRY].accepted = 25
+    hub = HubSession("acme", "t1", lambda inc: ledger, 0.0)
+    for _, data in edge.frames_to_send():
+        hub.receive_frame(decode_frame(data), 0.0)
+    hellos = [e for e in iter(hub.next_event, None) if isinstance(e, HelloReceived)]
+    assert hellos[0].behind == {Lane.TELEMETRY: (40, 25)}

@@ -355,10 +355,10 @@ def test_full_spool_evicts_bulk_first_then_telemetry_and_counts_it(tmp_path: Pat
         "telemetry": {REASON_EVICTED: 1},
         "bulk": {REASON_EVICTED: 4},
     }
-    assert s.take_drop_report() == {"bulk": {REASON_EVICTED: 4}, "telemetry": {REASON_EVICTED: 1}}
-    assert s.take_drop_report() == {}
+    assert s.drop_totals() == {"bulk": {REASON_EVICTED: 4}, "telemetry": {REASON_EVICTED: 1}}
+    assert s.drop_totals() == {"bulk": {REASON_EVICTED: 4}, "telemetry": {REASON_EVICTED: 1}}
     put(s, T)
-    assert s.take_drop_report() == {"telemetry": {REASON_EVICTED: 1}}
+    assert s.drop_totals() == {"bulk": {REASON_EVICTED: 4}, "telemetry": {REASON_EVICTED: 2}}
     assert s.evicted["telemetry"][REASON_EVICTED] == 2  # cumulative counters remain
     assert s.used_bytes <= s.max_bytes
     s.close()
@@ -375,7 +375,7 @@ def test_bulk_never_evicts_higher_lanes(tmp_path: Path) -> None:
         put(s, B)
     assert s.last_seq == before and s.depth()[B] == (0, 0)
     assert s.refused == {"critical": 0, "telemetry": 0, "bulk": 1}
-    assert s.take_drop_report() == {"bulk": {REASON_REFUSED: 1}}
+    assert s.drop_totals() == {"bulk": {REASON_REFUSED: 1}}
     put(s, T)  # telemetry may evict telemetry
     assert s.depth()[T][0] == 2
 
