@@ -80,6 +80,8 @@ def run_service(
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    if args.log_level != "debug":  # aioquic logs every handshake at INFO: keep that for debug
+        logging.getLogger("quic").setLevel(logging.WARNING)
     from transport.errors import SquallError
 
     try:
