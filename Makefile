@@ -15,11 +15,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Real peers the integration tests start on loopback (util-linux `logger` for syslog input).
+# Real peers the integration tests start on loopback: util-linux `logger` (syslog input),
+# rsyslog (syslog forwarding), Alertmanager (alerts), nats-server (scale-out), iproute2 and
+# ethtool (the packet-level bridge between namespaces).
+SYSTEM_TOOLS := logger:bsdutils rsyslogd:rsyslog prometheus-alertmanager:prometheus-alertmanager \
+	nats-server:nats-server ip:iproute2 ethtool:ethtool
 system-deps:
-	@command -v logger >/dev/null || { \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bsdutils) \
-		|| { echo "cannot install util-linux logger" >&2; exit 1; }; }
+	@missing=""; for t in $(SYSTEM_TOOLS); do \
+		command -v $${t%%:*} >/dev/null || PATH="$$PATH:/usr/sbin:/sbin" command -v $${t%%:*} >/dev/null \
+			|| missing="$$missing $${t#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			-o Dpkg::Options::=--force-confold $$missing >/dev/null) \
+		|| { echo "cannot install:$$missing (needs root and the Debian archive)" >&2; exit 1; }; fi
 
 lint: venv
 	$(BIN)/ruff check .

@@ -770,7 +770,7 @@ class Log:
     # -- durable consumers --------------------------------------------------------------
 
     def consumer_offset(self, name: str) -> int:
-        """The next offset ``name`` should read (0 -- from the start -- if it never committed)."""
+        """The last offset ``name`` committed as done (0 if it never did; offsets start at 1)."""
         rows = self._query("SELECT committed_offset FROM consumers WHERE name = ?", (name,))
         return int(rows[0][0]) if rows else 0
 
