@@ -1,4 +1,5 @@
-"""``squall link``: run the UDP link-impairment proxy from the command line until SIGTERM/SIGINT."""
+"""``squall link``: run the UDP link-impairment proxy, or with ``--bridge`` the packet-level
+bridge between two network namespaces, from the command line until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -6,12 +7,16 @@ import argparse
 import asyncio
 import contextlib
 import math
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn
 
+from simulator.bridge import Bridge, BridgeConfig, BridgePorts, cleanup_bridge
+from simulator.netns import DEFAULT_SUBNET, BridgeBusyError, BridgeSetupError
 from simulator.pcap import DEFAULT_PCAP_MAX_BYTES
 from simulator.profiles import DEFAULT_PROFILES_PATH, load_profiles
 from simulator.proxy import ProxyLimits, device_key, start_proxy
@@ -82,7 +87,9 @@ def _parser() -> _Parser:
         description=(
             "UDP proxy that impairs the edge-hub link: loss, delay, jitter, reordering, "
             "duplication, corruption, bandwidth queues, outages and NAT rebinding, "
-            "per client, from a seeded model. SIGTERM/SIGINT stop it with a summary."
+            "per client, from a seeded model. SIGTERM/SIGINT stop it with a summary. "
+            "With --bridge: two network namespaces NAME-a and NAME-b joined through the "
+            "same model at the Ethernet level, so any protocol (TCP too) crosses it."
         ),
     )
     p.add_argument(
@@ -133,9 +140,10 @@ def _parser() -> _Parser:
     p.add_argument(
         "--max-pending",
         type=_number(int, 1),
-        default=100_000,
+        default=None,
         metavar="N",
-        help="datagrams in flight inside the proxy; beyond, drop (100000)",
+        help="datagrams in flight inside the proxy, beyond which they are dropped (100000); "
+        "with --bridge, frames held per direction (10000)",
     )
     p.add_argument(
         "--control-port",
@@ -168,7 +176,43 @@ def _parser() -> _Parser:
         help="stop logging decisions at this file size (100000000)",
     )
     p.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop")
+    b = p.add_argument_group("packet-level bridge (--bridge; needs root)")
+    b.add_argument(
+        "--bridge",
+        action="store_true",
+        help="join namespaces NAME-a and NAME-b through the link model instead of proxying UDP",
+    )
+    b.add_argument("--name", default="sq0", help="bridge name, prefix of its namespaces (sq0)")
+    b.add_argument(
+        "--subnet",
+        default=DEFAULT_SUBNET,
+        help=f"private IPv4 subnet: NAME-a gets its first host, NAME-b its second "
+        f"(default {DEFAULT_SUBNET}); must not overlap this host's routes",
+    )
+    b.add_argument(
+        "--metrics",
+        type=_hostport,
+        metavar="HOST:PORT",
+        help="serve /metrics, /status and POST /outage there (e.g. 127.0.0.1:9100)",
+    )
+    b.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="remove the namespaces and veths a crashed bridge NAME left behind, then exit",
+    )
     return p
+
+
+# Options that only mean something to the UDP proxy, refused with --bridge.
+_PROXY_ONLY: tuple[str, ...] = (
+    "listen",
+    "upstream",
+    "device",
+    "max_clients",
+    "client_idle_s",
+    "control_port",
+)
+_BRIDGE_ONLY: tuple[str, ...] = ("metrics", "cleanup")
 
 
 def _raise_fd_limit() -> None:
@@ -191,7 +235,7 @@ async def _serve(args: argparse.Namespace, profiles: dict[str, Any]) -> str:
         profile=args.profile,
         profiles=profiles,
         seed=args.seed,
-        limits=ProxyLimits(args.max_clients, args.client_idle_s, args.max_pending),
+        limits=ProxyLimits(args.max_clients, args.client_idle_s, args.max_pending or 100_000),
         devices=dict(args.device),
         control_port=args.control_port or None,
         pcap=args.pcap,
@@ -231,10 +275,26 @@ def _run(main: Coroutine[Any, Any, str], use_uvloop: bool) -> str:
         return runner.run(main)
 
 
+def _check_mode(parser: _Parser, args: argparse.Namespace) -> None:
+    """Refuse options of the other mode (a proxy option with --bridge, or the reverse)."""
+    if args.bridge:
+        given = [d for d in _PROXY_ONLY if getattr(args, d) != parser.get_default(d)]
+        if given:
+            flags = ", ".join("--" + d.replace("_", "-") for d in given)
+            raise _UsageError(f"{flags}: for the UDP proxy, not --bridge")
+    else:
+        given = [d for d in _BRIDGE_ONLY if getattr(args, d) != parser.get_default(d)]
+        if given:
+            flags = ", ".join("--" + d.replace("_", "-") for d in given)
+            raise _UsageError(f"{flags}: only with --bridge")
+
+
 def cli_link(argv: list[str]) -> int:
     """Run ``squall link``: 0 after SIGTERM/SIGINT, 2 for bad arguments or profile, 1 on failure."""
     try:
-        args = _parser().parse_args(argv)
+        parser = _parser()
+        args = parser.parse_args(argv)
+        _check_mode(parser, args)
         profiles = load_profiles(args.profiles)
         if args.profile not in profiles:
             known = ", ".join(sorted(profiles))
@@ -246,6 +306,8 @@ def cli_link(argv: list[str]) -> int:
         return 2
     except SystemExit as exc:  # --help
         return 0 if exc.code is None else int(exc.code)
+    if args.bridge:
+        return _cli_bridge(args, profiles)
     _raise_fd_limit()
     try:
         summary = _run(_serve(args, profiles), use_uvloop=not args.no_uvloop)
@@ -258,6 +320,131 @@ def cli_link(argv: list[str]) -> int:
     with contextlib.suppress(BrokenPipeError):
         print(f"{_PROG}: stopped: {summary}", flush=True)
     return 0
+
+
+# -- the bridge ---------------------------------------------------------------------------
+
+_BRIDGE_PROG = f"{_PROG} --bridge"
+
+
+class _Interrupted(BaseException):
+    """SIGINT/SIGTERM before the event loop took the signals over (during setup)."""
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise _Interrupted(signum)
+
+
+def _cli_bridge(args: argparse.Namespace, profiles: dict[str, Any]) -> int:
+    """Set up, bridge until SIGTERM/SIGINT, tear down; or ``--cleanup``."""
+    config = BridgeConfig(
+        params=profiles[args.profile],
+        profile=args.profile,
+        name=args.name,
+        subnet=args.subnet,
+        seed=args.seed,
+        max_pending=args.max_pending or 10_000,
+        pcap=args.pcap,
+        pcap_max_bytes=args.pcap_max_bytes,
+        decision_log=args.decision_log,
+        decision_log_max_bytes=args.decision_log_max_bytes,
+    )
+    try:
+        topo = config.topology()
+    except ValueError as exc:
+        print(f"{_BRIDGE_PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    if os.geteuid() != 0:
+        print(
+            f"{_BRIDGE_PROG}: error: needs root (network namespaces, veths, packet sockets)",
+            file=sys.stderr,
+        )
+        return 1
+    if args.cleanup:
+        return _cleanup(args.name)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    ports = BridgePorts(topo, config.lock_dir)
+    summary = "interrupted during setup"
+    code = 0
+    try:
+        ports.open()
+        summary = asyncio.run(_serve_bridge(config, ports, args.metrics))
+    except _Interrupted:
+        pass
+    except BridgeBusyError as exc:
+        print(f"{_BRIDGE_PROG}: error: {exc}", file=sys.stderr)
+        code = 1
+    except (BridgeSetupError, OSError) as exc:
+        print(f"{_BRIDGE_PROG}: cannot start: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        for sig in previous:  # a second Ctrl-C must not cut the teardown short
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            removed = ports.close()
+        except BridgeSetupError as exc:
+            print(f"{_BRIDGE_PROG}: teardown failed: {exc}", file=sys.stderr)
+            removed, code = [], 1
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code == 0:
+        gone = f"; removed {', '.join(removed)}" if removed else ""
+        with contextlib.suppress(BrokenPipeError):
+            print(f"{_BRIDGE_PROG}: stopped: {summary}{gone}", flush=True)
+    return code
+
+
+def _cleanup(name: str) -> int:
+    try:
+        removed = cleanup_bridge(name)
+    except BridgeBusyError as exc:
+        print(f"{_BRIDGE_PROG}: error: {exc}; stop it instead", file=sys.stderr)
+        return 1
+    except (BridgeSetupError, OSError) as exc:
+        print(f"{_BRIDGE_PROG}: cleanup failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"{_BRIDGE_PROG}: removed {', '.join(removed) if removed else 'nothing'}", flush=True)
+    return 0
+
+
+async def _serve_bridge(
+    config: BridgeConfig, ports: BridgePorts, metrics: tuple[str, int] | None
+) -> str:
+    """Bridge until SIGTERM/SIGINT; returns the summary of the run."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    bridge = Bridge.start(config, ports)
+    try:
+        if metrics is not None:
+            await bridge.start_metrics(*metrics)
+        _print_ready(bridge, config)
+        await stop.wait()
+    finally:
+        await bridge.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)  # this puts SIG_DFL back: the teardown is next,
+            signal.signal(sig, signal.SIG_IGN)  # which a signal must not cut short
+    return bridge.stats().summary()
+
+
+def _print_ready(bridge: Bridge, config: BridgeConfig) -> None:
+    t = bridge.topology
+    where = ""
+    if bridge.metrics_addr is not None:
+        host, port = bridge.metrics_addr
+        where = f", metrics http://{device_key((host, port))}/metrics"
+    print(
+        f"{_BRIDGE_PROG}: {t.ns_a} {t.addr_a} <-> {t.ns_b} {t.addr_b}, profile "
+        f"{config.profile}, seed {config.seed}, ip mtu {t.ip_mtu}{where}\n"
+        f"  ip netns exec {t.ns_a} <cmd>   runs <cmd> on side a; it reaches "
+        f"{t.addr_b.ip} (side b) through the link\n"
+        f"  ip netns exec {t.ns_b} <cmd>   runs <cmd> on side b; it reaches {t.addr_a.ip}\n"
+        f"  stop with Ctrl-C or SIGTERM; after a crash: squall link --bridge --cleanup "
+        f"--name {t.name}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
