@@ -115,34 +115,11 @@ class BridgeConfig:
 
 
 class FramePcapWriter(PcapWriter):
-    """A :class:`~simulator.pcap.PcapWriter` that also records whole Ethernet frames."""
+    """A :class:`~simulator.pcap.PcapWriter` recording whole Ethernet frames, IP frames marked."""
 
-    _RECORD = struct.Struct("<IIII")
-    _SNAPLEN = 65535
-
-    def write_frame(self, ts: float, frame: bytes, mark: int = PcapMark.DELIVERED) -> bool:
-        """Record ``frame`` at wall-clock ``ts``, IP frames marked; False when skipped."""
-        if self._file is None or self.skipped:
-            self.skipped += 1
-            return False
-        data = mark_frame(frame, mark) if mark else frame
-        stored = data[: self._SNAPLEN]
-        size = self._RECORD.size + len(stored)
-        if self.bytes_written + size > self.max_bytes:
-            self.skipped += 1
-            return False
-        sec = int(ts)
-        usec = min(int((ts - sec) * 1_000_000), 999_999)
-        try:
-            self._file.write(self._RECORD.pack(sec, usec, len(stored), len(data)) + stored)
-        except OSError as exc:  # disk full and the like: stop capturing, keep bridging
-            self.error = exc
-            self.skipped += 1
-            self.close()
-            return False
-        self.bytes_written += size
-        self.records += 1
-        return True
+    def write_marked(self, ts: float, frame: bytes, mark: int = PcapMark.DELIVERED) -> bool:
+        """Record ``frame`` at wall-clock ``ts`` with ``mark``; False when skipped."""
+        return self.write_frame(ts, mark_frame(frame, mark) if mark else frame)
 
 
 def open_packet_socket(ifname: str) -> socket.socket:
@@ -385,7 +362,7 @@ class Bridge:
             now = clock() - t0
             result = core.offer(way, frame, now)
             if self._pcap is not None and result.startswith("dropped_"):
-                self._pcap.write_frame(self._wall0 + now, frame, _PCAP_MARK[result])
+                self._pcap.write_marked(self._wall0 + now, frame, _PCAP_MARK[result])
         self._flush()
 
     def _flush(self) -> None:
@@ -402,7 +379,7 @@ class Bridge:
                 continue
             if pcap is not None:
                 mark = PcapMark.CORRUPTED if corrupt else PcapMark.DELIVERED
-                pcap.write_frame(self._wall0 + now, frame, mark)
+                pcap.write_marked(self._wall0 + now, frame, mark)
         self._arm()
 
     def _arm(self) -> None:

@@ -29,7 +29,6 @@ frames leave in the same pass as they came and are not held.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
 import struct
@@ -41,6 +40,7 @@ from typing import Any, Final
 
 from simulator.linkmodel import DecisionHook, Direction, DropCause, Link, LinkParams, flip_bit
 from simulator.proxy import DELAY_BUCKETS, DirectionTally
+from simulator.schedule import DueSchedule
 
 __all__ = [
     "BRIDGE_RESULTS",
@@ -252,48 +252,19 @@ class _Tally:
 _Held = tuple[float, int, bytes, float, bool]
 
 
-class _Queue:
-    """Held frames of one direction by due time: a FIFO while they come in order, a heap else."""
+class _Queue(DueSchedule[_Held]):
+    """Held frames of one direction by due time, and unimpaired frames to send at once."""
 
-    __slots__ = ("fifo", "heap", "now")
+    __slots__ = ("now",)
 
     def __init__(self) -> None:
-        self.fifo: deque[_Held] = deque()
-        self.heap: list[_Held] = []
+        super().__init__()
         self.now: deque[tuple[bytes, int]] = deque()  # unimpaired: (frame, size) to send now
 
-    def __len__(self) -> int:
-        return len(self.fifo) + len(self.heap)
-
-    def hold(self, entry: _Held) -> None:
-        if not self.fifo or entry[0] >= self.fifo[-1][0]:
-            self.fifo.append(entry)
-        else:  # overtakes the FIFO's tail (reordering): only then pay for the heap
-            heapq.heappush(self.heap, entry)
-
-    def next_due(self) -> float:
-        first = self.fifo[0][0] if self.fifo else math.inf
-        return min(first, self.heap[0][0]) if self.heap else first
-
-    def take_due(self, now: float, out: list[_Held]) -> None:
-        """Move every held frame due at or before ``now`` to ``out``, in due order."""
-        fifo, heap = self.fifo, self.heap
-        while True:
-            fifo_due = fifo and fifo[0][0] <= now
-            heap_due = heap and heap[0][0] <= now
-            if fifo_due and (not heap_due or fifo[0][:2] < heap[0][:2]):
-                out.append(fifo.popleft())
-            elif heap_due:
-                out.append(heapq.heappop(heap))
-            else:
-                return
-
     def clear(self) -> int:
-        n = len(self) + len(self.now)
-        self.fifo.clear()
-        self.heap.clear()
+        n = len(self.now)
         self.now.clear()
-        return n
+        return n + super().clear()
 
 
 class BridgeCore:
@@ -343,7 +314,7 @@ class BridgeCore:
             frame = corrupt_frame(frame, fate.corrupt_bit)
             tally.packets["corrupted"] += 1
         for due in times:
-            queue.hold((due, next(self._seq), frame, now, corrupt))
+            queue.push((due, next(self._seq), frame, now, corrupt))
         tally.packets["passed"] += 1
         if len(times) > 1:
             tally.packets["duplicated"] += 1
@@ -359,7 +330,7 @@ class BridgeCore:
                 frame, size = queue.now.popleft()
                 tally.bytes_out += size
                 out.append((way, frame, False))
-            queue.take_due(now, held)
+            queue.pop_due(now, held)
             for _, _, frame, offered, corrupt in held:
                 delay = now - offered
                 tally.delay_buckets[bisect_left(DELAY_BUCKETS, delay)] += 1

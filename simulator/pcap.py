@@ -186,6 +186,13 @@ class PcapWriter:
             return False
         self._ip_id = (self._ip_id + 1) & 0xFFFF
         frame = udp_frame(src, dst, payload, mark=mark, ip_id=self._ip_id, upstream=upstream)
+        return self.write_frame(ts, frame)
+
+    def write_frame(self, ts: float, frame: bytes) -> bool:
+        """Record one whole Ethernet frame at wall-clock ``ts``; False when it was skipped."""
+        if self._file is None or self.skipped:
+            self.skipped += 1
+            return False
         stored = frame[:_SNAPLEN]
         size = _RECORD.size + len(stored)
         if self.bytes_written + size > self.max_bytes:

@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import itertools
 import json
 import math
 import socket
 import time
 from bisect import bisect_left
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -63,6 +62,7 @@ from simulator.linkmodel import (
     LinkStats,
 )
 from simulator.pcap import DEFAULT_PCAP_MAX_BYTES, PcapMark, PcapWriter
+from simulator.schedule import DueSchedule
 
 __all__ = [
     "DELAY_BUCKETS",
@@ -330,55 +330,7 @@ class _Tally:
 _Entry = tuple[float, int, _Client, bytes, float, bool]
 
 
-class _Schedule:
-    """Deliveries of one direction by due time: a FIFO while they come in order, a heap else.
-
-    An entry due no earlier than the FIFO's tail is appended (O(1)); only one that would
-    overtake it goes into the heap. With a fixed delay, or jitter on one in-order link,
-    the heap stays empty.
-    """
-
-    __slots__ = ("fifo", "heap")
-
-    def __init__(self) -> None:
-        self.fifo: deque[_Entry] = deque()
-        self.heap: list[_Entry] = []
-
-    def __len__(self) -> int:
-        return len(self.fifo) + len(self.heap)
-
-    def push(self, entry: _Entry) -> None:
-        fifo = self.fifo
-        if not fifo or entry[0] >= fifo[-1][0]:
-            fifo.append(entry)
-        else:
-            heapq.heappush(self.heap, entry)
-
-    def next_due(self) -> float:
-        fifo, heap = self.fifo, self.heap
-        first = fifo[0][0] if fifo else math.inf
-        return min(first, heap[0][0]) if heap else first
-
-    def pop_due(self, now: float, out: list[_Entry]) -> None:
-        """Move every entry due at or before ``now`` to ``out``, in due order."""
-        fifo, heap = self.fifo, self.heap
-        if not heap:
-            while fifo and fifo[0][0] <= now:
-                out.append(fifo.popleft())
-            return
-        while True:
-            if fifo and fifo[0][0] <= now and (not heap or fifo[0][:2] < heap[0][:2]):
-                out.append(fifo.popleft())
-            elif heap and heap[0][0] <= now:
-                out.append(heapq.heappop(heap))
-            else:
-                return
-
-    def clear(self) -> int:
-        n = len(self)
-        self.fifo.clear()
-        self.heap.clear()
-        return n
+_Schedule = DueSchedule[_Entry]
 
 
 class LinkProxyCore:

@@ -15,7 +15,12 @@ from typing import Any
 _COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "hub": ("run the hub (QUIC ingest, durable log, HTTP API)", "hub.main:cli_hub", ""),
     "edge": ("run an edge agent (spool, sender, inputs)", "edge.main:cli_edge", ""),
-    "link": ("run the UDP link-impairment proxy", "simulator.linkcli:cli_link", ""),
+    "link": (
+        "run the UDP link-impairment proxy (or, with --bridge, the packet bridge between "
+        "two network namespaces)",
+        "simulator.linkcli:cli_link",
+        "",
+    ),
     "fleet": ("simulate a fleet of vehicles against a hub", "simulator.demo:cli_fleet", ""),
     "demo": ("run the end-to-end demo (what `make demo` runs)", "simulator.demo:cli_demo", ""),
     "certs": (
