@@ -86,8 +86,9 @@ class Agent:
             now=time.monotonic(),
         )
         b = config.backoff
+        self.hub_order = config.hub_order(self.device)
         self.reconnector = Reconnector(
-            config.hubs,
+            self.hub_order,
             random.Random(seed),
             BackoffConfig(base_s=b.base_s, cap_s=b.cap_s, failover_after=b.failover_after),
         )
@@ -184,7 +185,10 @@ class Agent:
                 break
             self.stats.reconnects += 1
             retry_s = lost.retry_after_ms / 1000 if lost else 0.0
-            at = self.reconnector.on_failure(time.monotonic(), retry_s)
+            draining = lost is not None and lost.code == ErrorCode.GOING_AWAY
+            if retry_s > 0 or draining:
+                log.info("hub %s sent us on: %s", self.reconnector.current, lost)
+            at = self.reconnector.on_failure(time.monotonic(), retry_s, draining=draining)
             await asyncio.sleep(max(0.0, at - time.monotonic()))
 
     async def _session(self, host: str, port: int) -> ConnectionLost | None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from edge.placement import placement_order
 from transport.configload import build, load_yaml
 from transport.errors import ConfigError
 
@@ -99,6 +100,9 @@ class EdgeConfig:
 
     device: DeviceFiles
     hubs: list[str] = field(default_factory=lambda: ["127.0.0.1:4433"])
+    # rendezvous: hubs ordered by rendezvous hashing of the device id (home first);
+    # listed: in the order written (an explicit primary, then standbys)
+    placement: Literal["rendezvous", "listed"] = "rendezvous"
     server_name: str = "localhost"
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     sender: SenderSettings = field(default_factory=SenderSettings)
@@ -114,6 +118,14 @@ class EdgeConfig:
             raise ValueError("hubs: at least one hub address is needed")
         for h in self.hubs:
             parse_hostport(h)
+        if len(set(self.hubs)) != len(self.hubs):
+            raise ValueError("hubs: an address is listed twice")
+
+    def hub_order(self, device: str) -> list[str]:
+        """The hubs in the order ``device`` tries them: home first, then failover."""
+        if self.placement == "listed":
+            return list(self.hubs)
+        return placement_order(self.hubs, device)
 
 
 def parse_hostport(text: str) -> tuple[str, int]:

@@ -1,0 +1,189 @@
+"""Presence shared by many hubs through a JetStream key-value bucket.
+
+Each hub keeps its own ``hub.presence.Presence`` core for the devices connected to
+it and writes every ``PresenceChange`` to the bucket under ``<tenant>.<device>``
+(a JSON value naming the hub).  An alert consumer in its own process reads the
+bucket and so sees devices on every hub.
+
+A device that moves from hub A to hub B is online at B before A notices that its
+old session ended.  So the last writer must not simply win: *online* and *stale*
+from any hub are written as they come (the device's newest session speaks), while
+*offline* is written only if the entry still names the hub that reports it -- a
+compare-and-set on the entry's revision, retried once if another hub wrote in
+between.  An A's late "offline" for a device now on B is dropped (counted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.js import api
+from nats.js.kv import KeyValue
+
+from hub.jslog import NATS_FAILURES, JetStreamLogError, JetStreamSettings, connect
+from hub.presence import PresenceChange, State
+
+DEFAULT_BUCKET = "squall_presence"
+
+
+@dataclass(frozen=True, slots=True)
+class SharedPresence:
+    """One device's presence as the bucket holds it."""
+
+    tenant: str
+    device: str
+    state: State
+    hub: str
+    at: float
+    heartbeat: dict[str, Any]
+
+
+def presence_key(tenant: str, device: str) -> str:
+    """The bucket key of a device."""
+    return f"{tenant}.{device}"
+
+
+def encode_presence(change: PresenceChange, hub: str) -> bytes:
+    """The bucket value for one change reported by ``hub``."""
+    return json.dumps(
+        {
+            "state": change.new.value,
+            "previous": change.old.value,
+            "hub": hub,
+            "at": change.at,
+            "heartbeat": change.heartbeat,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def decode_presence(key: str, value: bytes) -> SharedPresence:
+    """A bucket entry back; JetStreamLogError if it is not one of ours."""
+    tenant, _, device = key.partition(".")
+    try:
+        doc = json.loads(value)
+        return SharedPresence(
+            tenant, device, State(doc["state"]), str(doc["hub"]), float(doc["at"]), doc["heartbeat"]
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise JetStreamLogError(f"presence entry {key!r} is not Squall's: {exc}") from exc
+
+
+def may_write(change: PresenceChange, owner: str | None, hub: str) -> bool:
+    """Whether ``hub`` may write ``change`` over an entry last written by ``owner``."""
+    return change.new is not State.OFFLINE or owner in (None, hub)
+
+
+@dataclass(slots=True)
+class SharedPresenceStats:
+    """Counters (for metrics)."""
+
+    written: int = 0
+    superseded: int = 0  # offline reports dropped: the device is on another hub now
+    errors: int = 0
+
+
+class JetStreamPresence:
+    """Writes this hub's presence changes to the shared bucket; reads everybody's."""
+
+    def __init__(
+        self, settings: JetStreamSettings, hub: str, *, bucket: str = DEFAULT_BUCKET
+    ) -> None:
+        self.settings = settings
+        self.hub = hub
+        self.bucket = bucket
+        self.stats = SharedPresenceStats()
+        self._nc: NATS | None = None
+        self._kv: KeyValue | None = None
+
+    async def open(self, nc: NATS | None = None) -> None:
+        """Connect and create the bucket if it is missing."""
+        self._nc = nc or await connect(self.settings, f"squall-presence-{self.hub}")
+        js = self._nc.jetstream(timeout=self.settings.publish_timeout_s)
+        try:
+            self._kv = await js.key_value(self.bucket)
+        except nats.js.errors.BucketNotFoundError:
+            file = self.settings.storage == "file"
+            self._kv = await js.create_key_value(
+                bucket=self.bucket,
+                history=1,
+                replicas=self.settings.replicas,
+                storage=api.StorageType.FILE if file else api.StorageType.MEMORY,
+            )
+        except (*NATS_FAILURES, nats.js.errors.Error) as exc:
+            raise JetStreamLogError(f"presence bucket {self.bucket}: {exc!r}") from exc
+
+    def _bucket(self) -> KeyValue:
+        if self._kv is None:
+            raise JetStreamLogError("shared presence is not open")
+        return self._kv
+
+    async def publish(self, changes: Iterable[PresenceChange]) -> None:
+        """Write each change (offline only over this hub's own entry)."""
+        kv = self._bucket()
+        for ch in changes:
+            try:
+                await self._write(kv, ch)
+            except (*NATS_FAILURES, nats.js.errors.Error) as exc:
+                self.stats.errors += 1
+                raise JetStreamLogError(f"presence of {ch.tenant}/{ch.device}: {exc!r}") from exc
+
+    async def _write(self, kv: KeyValue, ch: PresenceChange) -> None:
+        key = presence_key(ch.tenant, ch.device)
+        value = encode_presence(ch, self.hub)
+        if ch.new is not State.OFFLINE:
+            await kv.put(key, value)
+            self.stats.written += 1
+            return
+        for _ in range(2):
+            try:
+                if not await self._offline_over(kv, key, ch, value):
+                    self.stats.superseded += 1
+                return
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # another hub wrote in between: look again
+        self.stats.superseded += 1
+
+    async def _offline_over(self, kv: KeyValue, key: str, ch: PresenceChange, value: bytes) -> bool:
+        """Compare-and-set an offline report; False when another hub owns the entry."""
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            await kv.create(key, value)
+            self.stats.written += 1
+            return True
+        if not may_write(ch, decode_presence(key, entry.value or b"").hub, self.hub):
+            return False
+        await kv.update(key, value, last=entry.revision)
+        self.stats.written += 1
+        return True
+
+    async def current(self) -> dict[tuple[str, str], SharedPresence]:
+        """Every device's presence as the bucket holds it now."""
+        kv = self._bucket()
+        out: dict[tuple[str, str], SharedPresence] = {}
+        try:
+            keys = await kv.keys()
+        except nats.js.errors.NoKeysError:
+            return out
+        except (*NATS_FAILURES, nats.js.errors.Error) as exc:
+            raise JetStreamLogError(f"presence bucket {self.bucket}: {exc!r}") from exc
+        for key in keys:
+            with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+                entry = await kv.get(key)
+                p = decode_presence(key, entry.value or b"")
+                out[(p.tenant, p.device)] = p
+        return out
+
+    async def close(self) -> None:
+        """Close the connection."""
+        nc, self._nc, self._kv = self._nc, None, None
+        if nc is not None:
+            with contextlib.suppress(*NATS_FAILURES):
+                await nc.close()

@@ -1,0 +1,436 @@
+"""The JetStream log backend against a real nats-server (Debian's, started here on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hub.archive import JsonArchive
+from hub.jslog import (
+    OFFSET_STRIDE,
+    JetStreamConsumer,
+    JetStreamLog,
+    JetStreamLogError,
+    JetStreamLogView,
+    JetStreamSettings,
+)
+from hub.log import LogEntry, PendingBatch
+from tests.integration.conftest import free_port
+from transport.batchcodec import Record, encode_batch
+
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+
+
+class NatsServer:
+    """One nats-server with JetStream in a temporary directory; stop/start keep port and data."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port(socket.SOCK_STREAM)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        store = self.root / "js"
+        store.mkdir(exist_ok=True)
+        out = (self.root / "nats-server.log").open("ab")
+        self.proc = subprocess.Popen(
+            [NATS_SERVER, "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(self.port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nats-server exited: {self.root / 'nats-server.log'}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    if s.recv(4).startswith(b"INFO"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("nats-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc = None
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    if not Path(NATS_SERVER).exists():
+        pytest.fail("nats-server is not installed: run `make system-deps`")
+    server = NatsServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def settings_for(server: NatsServer, **kw: object) -> JetStreamSettings:
+    base: dict[str, object] = {
+        "servers": [server.url],
+        "stream": "SQUALLTEST",
+        "publish_timeout_s": 2.0,
+        "reconnect_wait_s": 0.2,
+    }
+    base.update(kw)
+    s = JetStreamSettings(**base)  # type: ignore[arg-type]
+    s.validate()
+    return s
+
+
+def batch(device: str, first: int, last: int, lane: int = 1, inc: int = 7) -> PendingBatch:
+    """A batch as a session hands it over: payload as received on the wire."""
+    records = [
+        Record(
+            seq,
+            1_700_000_000_000_000 + seq,
+            f"acme.{device}.telemetry.gps",
+            {"n": seq},
+            {"speed_kmh": seq % 130, "lat": 52.5 + seq / 1e5},
+        )
+        for seq in range(first, last + 1)
+    ]
+    codec, payload = encode_batch(records)
+    return PendingBatch(
+        "acme",
+        device,
+        inc,
+        lane,
+        None,
+        codec,
+        payload,
+        1_700_000_000_000_000,
+        first,
+        last,
+        len(records),
+    )
+
+
+def seqs_by_device(entries: list[LogEntry]) -> dict[tuple[str, int], list[int]]:
+    out: dict[tuple[str, int], list[int]] = {}
+    for e in entries:
+        out.setdefault((e.device, e.lane), []).append(e.seq)
+    return out
+
+
+async def read_all(consumer: JetStreamConsumer, expect: int) -> list[LogEntry]:
+    got: list[LogEntry] = []
+    for _ in range(200):
+        if len(got) >= expect:
+            break
+        start = got[-1].offset + 1 if got else consumer.committed + 1
+        chunk = await consumer.read(start, 5000, wait_s=0.2)
+        got.extend(chunk)
+    # nothing more arrives
+    start = got[-1].offset + 1 if got else consumer.committed + 1
+    got.extend(await consumer.read(start, 5000, wait_s=0.3))
+    return got
+
+
+# -- tests ---------------------------------------------------------------------------------------
+
+
+def test_groups_come_back_in_order_through_a_durable_consumer(nats_server: NatsServer) -> None:
+    async def run() -> None:
+        s = settings_for(nats_server)
+        log = JetStreamLog(s)
+        await log.open()
+        # nats-server's default max_payload (1 MiB) is below the hub's largest DATA frame
+        assert 1_000_000 < log.max_batch_bytes < 1 << 20
+        groups = [
+            [batch("t1", 1, 50), batch("t2", 1, 10, lane=0), batch("t2", 11, 20, lane=2)],
+            [batch("t1", 51, 100), batch("t2", 21, 30, lane=0)],
+            [batch("t3", 1, 4000)],  # a large batch: one message, kept whole
+        ]
+        results = [await log.append_group(g, 0.0) for g in groups]
+        assert [c for r in results for _, c in r] == [50, 10, 10, 50, 10, 4000]
+        bases = [b for r in results for b, _ in r]
+        assert bases == sorted(bases) and len(set(bases)) == len(bases)
+
+        reader = JetStreamConsumer(s, "archive")
+        await reader.open()
+        got = await read_all(reader, 4130)
+        assert len(got) == 4130
+        offsets = [e.offset for e in got]
+        assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
+        assert offsets[0] == bases[0]  # a batch's first record sits at its base offset
+        by = seqs_by_device(got)
+        assert by[("t1", 1)] == list(range(1, 101))
+        assert by[("t2", 0)] == list(range(1, 11)) + list(range(21, 31))
+        assert by[("t2", 2)] == list(range(11, 21))
+        assert by[("t3", 1)] == list(range(1, 4001))
+        first = got[0]
+        assert (first.tenant, first.incarnation, first.subject) == (
+            "acme",
+            7,
+            "acme.t1.telemetry.gps",
+        )
+        assert first.body == {"speed_kmh": 1, "lat": 52.50001} and first.attrs == {"n": 1}
+
+        # commit part of the way, reopen: the durable resumes after what was committed
+        cut = got[2999].offset
+        await reader.commit(cut)
+        await reader.close()
+        again = JetStreamConsumer(s, "archive")
+        await again.open()
+        await log.append_group([batch("t1", 101, 110)], 0.0)
+        rest = await read_all(again, 10)
+        # the batch holding record 3000 was not fully committed: it comes again, whole
+        assert [e.seq for e in rest if e.device == "t1"] == list(range(101, 111))
+        assert {e.device for e in rest} == {"t1", "t3"}
+        assert min(e.offset for e in rest) <= cut < max(e.offset for e in rest)
+        await again.close()
+        await log.close()
+
+    asyncio.run(run())
+
+
+def test_a_retransmit_through_another_hub_is_stored_once(nats_server: NatsServer) -> None:
+    async def run() -> None:
+        s = settings_for(nats_server)
+        hub_a, hub_b = JetStreamLog(s), JetStreamLog(s)
+        await hub_a.open()
+        await hub_b.open()
+        # both hubs know the device has nothing stored, then both get the same batch (a
+        # retransmit after a lost ACK landing on another hub): JetStream's duplicate
+        # window keeps one by its message id
+        assert await hub_a.load_marks("acme", "t1", 7) == {}
+        assert await hub_b.load_marks("acme", "t1", 7) == {}
+        ra, rb = await asyncio.gather(
+            hub_a.append_group([batch("t1", 1, 20)], 0.0),
+            hub_b.append_group([batch("t1", 1, 20)], 0.0),
+        )
+        assert sorted([ra[0][1], rb[0][1]]) == [0, 20]
+        assert ra[0][0] == rb[0][0]  # the duplicate's ack names the stored message
+        assert hub_a.stats.duplicates_window + hub_b.stats.duplicates_window == 1
+
+        # the device comes back later, cut into other batches (a different message id,
+        # as after an outage longer than the duplicate window): the range check trims
+        hub_b.forget_device("acme", "t1")
+        res = await hub_b.append_group([batch("t1", 11, 30), batch("t1", 31, 35)], 0.0)
+        assert [c for _, c in res] == [10, 5]
+        assert hub_b.stats.duplicates_skipped == 10
+        # hub A's cached mark is stale (20): JetStream refuses its publish (expected last
+        # subject sequence), A re-reads the mark and finds everything stored
+        lookups = hub_a.stats.mark_lookups
+        res = await hub_a.append_group([batch("t1", 1, 35)], 0.0)
+        assert res == [(0, 0)]
+        assert hub_a.stats.mark_lookups == lookups + 1
+        assert await hub_a.load_marks("acme", "t1", 7) == {1: 35}
+
+        reader = JetStreamConsumer(s, "check")
+        await reader.open()
+        got = await read_all(reader, 35)
+        assert [e.seq for e in got] == list(range(1, 36))
+        await reader.close()
+        await hub_a.close()
+        await hub_b.close()
+
+    asyncio.run(run())
+
+
+def test_nats_restart_mid_ingest_fails_typed_then_resumes_with_nothing_lost(
+    nats_server: NatsServer,
+) -> None:
+    async def run() -> None:
+        s = settings_for(nats_server)
+        log = JetStreamLog(s)
+        await log.open()
+        acked: list[tuple[str, int, int]] = []  # what the hub would have ACKed to edges
+        failures: list[JetStreamLogError] = []
+        devices = [f"d{i}" for i in range(5)]
+        next_seq = dict.fromkeys(devices, 1)
+        stopped = asyncio.Event()
+
+        async def ingest(rounds: int) -> None:
+            for n in range(rounds):
+                group = [batch(d, next_seq[d], next_seq[d] + 19) for d in devices]
+                while True:  # the edges resend a group that was not ACKed
+                    try:
+                        await log.append_group(group, 0.0)
+                        break
+                    except JetStreamLogError as exc:
+                        failures.append(exc)
+                        await asyncio.sleep(0.1)
+                for d in devices:
+                    acked.append((d, next_seq[d], next_seq[d] + 19))
+                    next_seq[d] += 20
+                if n == 10:
+                    stopped.set()
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ingest(40))
+        await stopped.wait()
+        await asyncio.to_thread(nats_server.stop)  # mid-ingest
+        for _ in range(200):
+            if failures:
+                break
+            await asyncio.sleep(0.05)
+        assert failures, "appends must fail while nats-server is down"
+        acked_while_down = len(acked)
+        await asyncio.sleep(0.5)
+        assert len(acked) == acked_while_down  # no ACK while JetStream cannot confirm
+        await asyncio.to_thread(nats_server.start)
+        await asyncio.wait_for(task, timeout=60)
+        assert len(acked) == 40 * len(devices)
+
+        reader = JetStreamConsumer(s, "after-restart")
+        await reader.open()
+        got = await read_all(reader, 40 * 20 * len(devices))
+        by = seqs_by_device(got)
+        for d in devices:
+            assert by[(d, 1)] == list(range(1, 801)), d  # every record once, in order
+        await reader.close()
+        await log.close()
+
+    asyncio.run(run())
+
+
+def test_a_consumer_that_died_with_unacked_batches_loses_nothing(nats_server: NatsServer) -> None:
+    async def run() -> None:
+        s = settings_for(nats_server)
+        log = JetStreamLog(s)
+        await log.open()
+        await log.append_group([batch("t1", 1 + 10 * i, 10 * (i + 1)) for i in range(20)], 0.0)
+        first = JetStreamConsumer(s, "sink", fetch_batches=8)
+        await first.open()
+        got = await first.read(0, 30)  # fetched 8 batches, used 3, committed 2
+        assert [e.seq for e in got] == list(range(1, 31))
+        await first.commit(got[19].offset)
+        await first.close()  # dies holding 6 delivered, unacked batches
+
+        second = JetStreamConsumer(s, "sink")
+        await second.open()
+        assert second.stats.resets == 1 and second.committed == got[19].offset | (OFFSET_STRIDE - 1)
+        rest = await read_all(second, 180)
+        assert [e.seq for e in rest] == list(range(21, 201))
+        await second.close()
+        await log.close()
+
+    asyncio.run(run())
+
+
+def test_json_archive_runs_unchanged_on_the_shared_log(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    s = settings_for(nats_server)
+
+    async def append(groups: list[list[PendingBatch]]) -> None:
+        log = JetStreamLog(s)
+        await log.open()
+        for g in groups:
+            await log.append_group(g, 0.0)
+        await log.close()
+
+    asyncio.run(append([[batch("t1", 1, 100), batch("t2", 1, 50)], [batch("t1", 101, 150)]]))
+    out = tmp_path / "archive"
+    with JetStreamLogView(s, "archive") as view:
+        archive = JsonArchive(view, out)  # type: ignore[arg-type]
+        assert archive.poll(120) == 120
+        archive.close()
+        # the commit covered only part of the last batch: like a crash between the
+        # write and the commit, that batch comes again whole and nothing is written twice
+    with JetStreamLogView(s, "archive") as view:
+        again = JsonArchive(view, out)  # type: ignore[arg-type]
+        total = 0
+        for _ in range(10):
+            total += again.poll(1000)
+        again.close()
+    lines = [json.loads(x) for x in (out / "acme.jsonl").read_text().splitlines()]
+    seqs = sorted((x["device"], x["seq"]) for x in lines)
+    assert seqs == sorted([("t1", i) for i in range(1, 151)] + [("t2", i) for i in range(1, 51)])
+    assert again.stats.skipped_present > 0  # the redelivered batch was recognised
+    offsets = [x["offset"] for x in lines]
+    assert offsets == sorted(offsets)
+
+
+def test_presence_is_shared_and_a_late_offline_from_the_old_hub_is_dropped(
+    nats_server: NatsServer,
+) -> None:
+    from hub.jspresence import JetStreamPresence
+    from hub.presence import PresenceChange, State
+
+    def change(old: State, new: State, at: float) -> PresenceChange:
+        return PresenceChange("acme", "t1", old, new, at, {"seq": 5})
+
+    async def run() -> None:
+        s = settings_for(nats_server)
+        a, b = JetStreamPresence(s, "hub-a"), JetStreamPresence(s, "hub-b")
+        await a.open()
+        await b.open()
+        await a.publish([change(State.OFFLINE, State.ONLINE, 1.0)])
+        await b.publish([change(State.OFFLINE, State.ONLINE, 2.0)])  # the device moved to b
+        await a.publish([change(State.ONLINE, State.OFFLINE, 3.0)])  # a notices late
+        view = await a.current()
+        assert view[("acme", "t1")].state is State.ONLINE and view[("acme", "t1")].hub == "hub-b"
+        assert a.stats.superseded == 1
+        await b.publish([change(State.ONLINE, State.OFFLINE, 4.0)])  # b's own entry: written
+        seen = (await b.current())[("acme", "t1")]
+        assert (seen.state, seen.hub, seen.at, seen.heartbeat) == (
+            State.OFFLINE,
+            "hub-b",
+            4.0,
+            {"seq": 5},
+        )
+        await a.close()
+        await b.close()
+
+    asyncio.run(run())
+
+
+# -- pure parts (no server) ---------------------------------------------------------------------
+
+
+def test_settings_are_strict_config() -> None:
+    from transport.configload import build
+    from transport.errors import ConfigError
+
+    s = build(
+        JetStreamSettings,
+        {"servers": ["nats://h:4222"], "replicas": 3},
+        path="hub.yaml",
+        key="jetstream",
+    )
+    assert s.replicas == 3 and s.stream == "SQUALL" and s.duplicate_window_s == 120.0
+    for bad in (
+        {"replicas": 0},
+        {"stream": "a.b"},
+        {"subject_prefix": "x.>"},
+        {"servers": []},
+        {"typo": 1},
+    ):
+        with pytest.raises(ConfigError):
+            build(JetStreamSettings, bad, path="hub.yaml", key="jetstream")
+
+
+def test_a_stored_batch_decodes_to_log_entries_and_trims_by_mark() -> None:
+    from hub.jslog import decode_entries, encode_message, msg_id, trim_to_mark
+
+    item = batch("t9", 10, 19, lane=2, inc=3)
+    entries = decode_entries("squall.log.acme.t9.3.2", 5, encode_message(item))
+    assert [e.offset for e in entries] == [5 * OFFSET_STRIDE + i for i in range(10)]
+    assert {(e.tenant, e.device, e.incarnation, e.lane) for e in entries} == {("acme", "t9", 3, 2)}
+    assert [e.seq for e in entries] == list(range(10, 20))
+    assert msg_id(("acme", "t9", 3, 2), 10, 19) == "acme.t9.3.2.10-19"
+    assert trim_to_mark(item, 19) is None and trim_to_mark(item, 9) is item
+    rest = trim_to_mark(item, 14)
+    assert rest is not None and (rest.first_seq, rest.last_seq, rest.count) == (15, 19, 5)
+    with pytest.raises(JetStreamLogError):
+        decode_entries("squall.log.acme.t9.3.2", 5, b"junk")
