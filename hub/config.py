@@ -5,12 +5,15 @@ The commented example with every default is config/hub.yaml.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from hub.filters import compile_filter
+from hub.subjects import validate_pattern
 from transport.configload import build, load_yaml
-from transport.errors import ConfigError
+from transport.errors import ConfigError, SquallError
 
 
 @dataclass(slots=True)
@@ -81,6 +84,11 @@ class PresenceSettings:
     max_devices: int = 100_000
 
 
+_TENANT = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_QUEUE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MIN_TOKEN_CHARS = 16
+
+
 @dataclass(slots=True)
 class HttpSettings:
     """The HTTP API: bound to loopback unless told otherwise; token for all but health."""
@@ -88,6 +96,82 @@ class HttpSettings:
     listen: str = "127.0.0.1:8080"
     token: str = ""  # empty: every /v1 and /metrics request is refused (401)
     enabled: bool = True
+    # tenant -> bearer token: /v1/subscribe and /v1/subscriptions, that tenant's subjects only
+    tenant_tokens: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Tenant names are subject tokens; every token is long and used once."""
+        seen = {self.token} if self.token else set()
+        for tenant, token in self.tenant_tokens.items():
+            if not _TENANT.fullmatch(tenant):
+                raise ValueError(f"http.tenant_tokens: {tenant!r} is not a tenant name")
+            if len(token) < MIN_TOKEN_CHARS:
+                raise ValueError(
+                    f"http.tenant_tokens.{tenant}: a token needs at least {MIN_TOKEN_CHARS} chars"
+                )
+            if token in seen:
+                raise ValueError(f"http.tenant_tokens.{tenant}: token already used elsewhere")
+            seen.add(token)
+
+
+@dataclass(slots=True)
+class KernelSettings:
+    """The kernel (selective pub-sub): queue bounds, idle times, subscriber windows."""
+
+    max_pending: int = 10_000  # default and ceiling of a queue's bound (subscribe may ask less)
+    default_policy: Literal["block", "drop-oldest"] = "block"
+    queue_idle_s: float = 300.0  # a named queue with no subscriber this long is removed
+    durable_idle_s: float = 86_400.0  # the same for durable queues made by subscribe (offset too)
+    max_queues: int = 10_000
+    max_queues_per_tenant: int = 1_000
+    max_subscribers: int = 1_000
+    subscriber_window: int = 256  # entries a subscriber holds unsent (durable: unacked)
+    catchup_batch: int = 1_000  # records per catch-up read of the log
+    match_cache: int = 65_536  # subjects whose match results are cached
+
+    def validate(self) -> None:
+        """Reject impossible values."""
+        for name in ("max_pending", "max_queues", "max_queues_per_tenant", "max_subscribers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"kernel.{name} must be at least 1")
+        if not 1 <= self.subscriber_window <= 100_000:
+            raise ValueError("kernel.subscriber_window must be within 1..100000")
+        if not 1 <= self.catchup_batch <= 100_000:
+            raise ValueError("kernel.catchup_batch must be within 1..100000")
+        if self.match_cache < 0:
+            raise ValueError("kernel.match_cache must not be negative")
+        if self.queue_idle_s <= 0 or self.durable_idle_s <= 0:
+            raise ValueError("kernel.queue_idle_s and kernel.durable_idle_s must be positive")
+
+
+@dataclass(slots=True)
+class SubscriptionSettings:
+    """A named queue the hub creates at start (durable by default); removed only by DELETE."""
+
+    queue: str
+    subject: str  # NATS pattern; its first token is the tenant (a wildcard: every tenant)
+    filter: str = ""
+    durable: bool = True
+    policy: Literal["block", "drop-oldest", ""] = ""  # "": kernel.default_policy (durable: block)
+    max_pending: int = 0  # 0: kernel.max_pending
+    start: Literal["now", "earliest"] | int = "now"  # used only while no offset is committed
+
+    def validate(self) -> None:
+        """The queue name's syntax; pattern and filter are checked when the kernel compiles them."""
+        if not _QUEUE.fullmatch(self.queue):
+            raise ValueError(f"queue {self.queue!r} is not 1-64 of [A-Za-z0-9_-]")
+        if self.max_pending < 0:
+            raise ValueError(f"queue {self.queue!r}: max_pending must not be negative")
+        if isinstance(self.start, int) and self.start < 1:
+            raise ValueError(f"queue {self.queue!r}: start offset must be at least 1")
+        if self.durable and self.policy == "drop-oldest":
+            raise ValueError(f"queue {self.queue!r}: a durable queue's policy is block")
+        try:
+            validate_pattern(self.subject)
+            if self.filter.strip():
+                compile_filter(self.filter)
+        except SquallError as exc:
+            raise ValueError(f"queue {self.queue!r}: {exc}") from exc
 
 
 @dataclass(slots=True)
@@ -101,7 +185,18 @@ class HubConfig:
     log: LogSettings = field(default_factory=LogSettings)
     presence: PresenceSettings = field(default_factory=PresenceSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    kernel: KernelSettings = field(default_factory=KernelSettings)
+    subscriptions: list[SubscriptionSettings] = field(default_factory=list)
     deny_list: str = ""  # file: one device id or certificate serial (hex or decimal) per line
+
+    def validate(self) -> None:
+        """Configured queue names are unique per tenant."""
+        seen: set[tuple[str, str]] = set()
+        for sub in self.subscriptions:
+            key = (sub.subject.split(".", 1)[0], sub.queue)
+            if key in seen:
+                raise ValueError(f"subscriptions: queue {sub.queue!r} is listed twice")
+            seen.add(key)
 
 
 def load_hub_config(path: str | Path) -> HubConfig:

@@ -1,13 +1,14 @@
-"""The hub's HTTP API (aiohttp): health, readiness, Prometheus metrics, devices, revocation.
+"""The hub's HTTP API (aiohttp): health, readiness, metrics, devices, revocation, subscriptions.
 
 Bound to 127.0.0.1 by default.  Everything but /healthz and /readyz needs
-``Authorization: Bearer <token>`` with the token from hub.yaml; with no token configured
-those endpoints refuse every request (401) rather than run open.
+``Authorization: Bearer <token>``: the admin token (``http.token``) opens every
+endpoint; a tenant token (``http.tenant_tokens``) opens only /v1/subscribe and
+/v1/subscriptions, for that tenant's subjects (403 elsewhere).  With no token
+configured those endpoints refuse every request (401) rather than run open.
 """
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -22,6 +23,7 @@ from prometheus_client.core import (
 )
 
 from hub.server import Hub
+from hub.websub import TOKENS_KEY, Tokens, add_routes
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -86,6 +88,7 @@ class HubCollector:
             pres.add_metric([state], n)
         yield pres
         yield self._commit_histogram()
+        yield from kernel_metrics(hub)
 
     def _commit_histogram(self) -> HistogramMetricFamily:
         h = self.hub.commit_latency
@@ -96,21 +99,92 @@ class HubCollector:
         )
 
 
+def kernel_metrics(hub: Hub) -> Iterator[Metric]:
+    """The kernel's counters and gauges (per-queue series only for queues that dropped)."""
+    kernel = hub.subs.kernel
+    k = kernel.counters
+
+    def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+        return CounterMetricFamily(name, doc, value=value)
+
+    yield counter("squall_kernel_routed", "Committed entries offered to the kernel", k.routed)
+    yield counter("squall_kernel_matches", "Entries that matched a queue", k.matches)
+    hits, misses = kernel.match_cache()
+    cache = CounterMetricFamily(
+        "squall_kernel_match_cache", "Subject match cache lookups", labels=["result"]
+    )
+    cache.add_metric(["hit"], hits)
+    cache.add_metric(["miss"], misses)
+    yield cache
+    yield counter("squall_kernel_delivered", "Entries handed to subscribers", k.delivered)
+    dropped = CounterMetricFamily(
+        "squall_kernel_dropped", "Entries a queue lost, by reason", labels=["reason"]
+    )
+    dropped.add_metric(["drop-oldest"], k.dropped_overflow)
+    dropped.add_metric(["retention"], k.skipped_retention)
+    yield dropped
+    per_queue = CounterMetricFamily(
+        "squall_kernel_queue_dropped",
+        "Entries a drop-oldest queue dropped",
+        labels=["tenant", "queue", "policy"],
+    )
+    for (tenant, queue), policy, n in kernel.dropped_by_queue():
+        per_queue.add_metric([tenant, queue, policy.value], n)
+    yield per_queue
+    yield counter("squall_kernel_blocked", "Times a block queue fell behind the log", k.blocked)
+    yield counter(
+        "squall_kernel_catchup_records", "Records read back by queues behind", k.catchup_records
+    )
+    yield counter("squall_kernel_redelivered", "Unacked durable entries requeued", k.redelivered)
+    yield counter("squall_kernel_expired_queues", "Idle queues removed", k.expired_queues)
+    g = kernel.gauges()
+    queues = GaugeMetricFamily("squall_kernel_queues", "Queues by kind", labels=["kind"])
+    for kind in ("named", "durable", "private"):
+        queues.add_metric([kind], g[f"queues_{kind}"])
+    yield queues
+    yield GaugeMetricFamily(
+        "squall_kernel_subscriptions", "Subscriptions", value=g["subscriptions"]
+    )
+    yield GaugeMetricFamily(
+        "squall_kernel_subscribers", "Attached subscribers", value=g["subscribers"]
+    )
+    yield GaugeMetricFamily(
+        "squall_kernel_pending", "Entries waiting in queues", value=g["pending"]
+    )
+    yield GaugeMetricFamily(
+        "squall_kernel_unacked", "Durable entries awaiting ack", value=g["unacked"]
+    )
+    yield GaugeMetricFamily(
+        "squall_kernel_behind_queues", "Queues reading the log", value=g["behind"]
+    )
+    errors = CounterMetricFamily(
+        "squall_kernel_errors", "Subscription shell errors by kind", labels=["kind"]
+    )
+    for kind, n in sorted(hub.subs.errors.items()):
+        errors.add_metric([kind], n)
+    yield errors
+
+
+_TENANT_PATHS = ("/v1/subscribe", "/v1/subscriptions")
+
+
 def make_app(hub: Hub) -> web.Application:
     """The aiohttp application for ``hub``."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(HubCollector(hub))
-    token = hub.config.http.token
+    tokens = Tokens(hub.config.http.token, dict(hub.config.http.tenant_tokens))
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in ("/healthz", "/readyz"):
             return await handler(request)
-        given = request.headers.get("Authorization", "")
-        if not token:
+        if not tokens.admin and not tokens.tenants:
             return _error(401, "no API token is configured on this hub (http.token)")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        known, tenant = tokens.caller(request.headers.get("Authorization", ""))
+        if not known:
             return _error(401, "missing or wrong bearer token")
+        if tenant is not None and not request.path.startswith(_TENANT_PATHS):
+            return _error(403, "a tenant token opens only /v1/subscribe and /v1/subscriptions")
         return await handler(request)
 
     async def healthz(request: web.Request) -> web.Response:
@@ -137,12 +211,14 @@ def make_app(hub: Hub) -> web.Application:
         return web.json_response({"denied": n})
 
     app = web.Application(middlewares=[auth], client_max_size=64 * 1024)
+    app[TOKENS_KEY] = tokens
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/devices", devices)
     app.router.add_get("/v1/devices/{tenant}/{device}", device)
     app.router.add_post("/v1/revocations/reload", reload)
+    add_routes(app, hub.subs)
     return app
 
 

@@ -1,7 +1,9 @@
 """The hub's asyncio shell: QUIC endpoint, group commit to the durable log, presence, revocation.
 
 The decisions live in sans-I/O cores (``transport.quic.HubEndpoint``, ``HubSession``,
-``hub.ingest.GroupCommit``, ``hub.presence.Presence``); this module pumps them.
+``hub.ingest.GroupCommit``, ``hub.presence.Presence``, ``hub.kernel.Kernel``); this
+module pumps them. Whatever reaches the log (a group commit, a presence record) is
+then handed to the subscriptions (``hub.websub.SubscriptionService``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from hub.config import HubConfig
 from hub.ingest import Accepted, GroupCommit, LatencyHistogram
 from hub.log import Log, LogError, PendingBatch
 from hub.presence import Presence, PresenceChange
+from hub.websub import SubscriptionService
 from transport import certs
 from transport.aio import UdpDriver, open_driver
 from transport.auth import TicketStore
@@ -100,6 +103,7 @@ class Hub:
         self.counters: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.commit_latency = LatencyHistogram()
+        self.subs = SubscriptionService(self.log, c.kernel, c.subscriptions)
         self.driver: UdpDriver | None = None
         self._commit_timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -266,6 +270,11 @@ class Hub:
                 conn.session.on_committed(now)
                 self.endpoint.touch(conn, now)
         self._flush()
+        self._after_log_grew()
+
+    def _after_log_grew(self) -> None:
+        """Hand what the log just committed to its readers."""
+        self.subs.on_log_advanced()
 
     def _flush(self) -> None:
         if self.driver is not None:
@@ -284,11 +293,14 @@ class Hub:
             except LogError as exc:
                 log.error("cannot log presence change: %s", exc)
                 self.errors["COMMIT_FAILED"] += 1
+        if changes:
+            self._after_log_grew()
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
         """Bind the UDP port and start the periodic work."""
+        self.subs.start(self._now())
         host, port = _parse_addr(self.config.listen)
         self.driver = await open_driver(self.endpoint, (host, port), self._after)
         _grow_recv_buffer(self.driver, self.config.server.udp_receive_buffer_bytes)
@@ -338,6 +350,7 @@ class Hub:
         self.publish_presence(self.presence.take_changes())
         if self.driver is not None:
             self.driver.close()
+        await self.subs.stop()
         self.log.close()
 
     def device_list(self) -> list[dict[str, Any]]:

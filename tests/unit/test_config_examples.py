@@ -18,6 +18,8 @@ def test_hub_example_matches_the_code_and_its_defaults() -> None:
     cfg = build(HubConfig, load_yaml(CONFIG / "hub.yaml"), path="hub.yaml")
     assert cfg.limits.window_records == 8000 and cfg.server.handshake_timeout_s == 10.0
     assert cfg.log.retention_hard_max_bytes == 0 and cfg.http.listen == "127.0.0.1:8080"
+    assert cfg.kernel.queue_idle_s == 300.0 and cfg.kernel.default_policy == "block"
+    assert cfg.http.tenant_tokens == {} and cfg.subscriptions == []
 
 
 def test_edge_example_matches_the_code_and_its_defaults() -> None:
@@ -42,3 +44,20 @@ def test_hard_limit_below_soft_limit_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="retention_hard_max_bytes"):
         build(HubConfig, load_yaml(bad), path=str(bad))
+
+
+def test_configured_subscriptions_are_checked_at_load(tmp_path: Path) -> None:
+    path = tmp_path / "hub.yaml"
+    head = "tls: {cert: a, key: b, device_ca: c}\n"
+    path.write_text(head + "subscriptions:\n- {queue: ops, subject: acme.>, start: 5}\n")
+    (sub,) = build(HubConfig, load_yaml(path), path=str(path)).subscriptions
+    assert sub.start == 5 and sub.durable and sub.filter == ""
+    path.write_text(
+        head + "subscriptions:\n- {queue: ops, subject: acme.>, filter: 'colour == 1'}\n"
+    )
+    with pytest.raises(ConfigError, match="unknown field 'colour'") as exc:
+        build(HubConfig, load_yaml(path), path=str(path))
+    assert exc.value.key == "subscriptions[0]"
+    path.write_text(head + "http: {tenant_tokens: {acme: short}}\n")
+    with pytest.raises(ConfigError, match="at least 16"):
+        build(HubConfig, load_yaml(path), path=str(path))
