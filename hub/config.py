@@ -10,8 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from hub.alerts import load_rules
+from hub.alertsinks import AlertSettings
+from hub.archive import ArchiveSettings
 from hub.filters import compile_filter
 from hub.subjects import validate_pattern
+from hub.syslogfwd import SyslogForwardSettings
 from transport.configload import build, load_yaml
 from transport.errors import ConfigError, SquallError
 
@@ -187,6 +191,9 @@ class HubConfig:
     http: HttpSettings = field(default_factory=HttpSettings)
     kernel: KernelSettings = field(default_factory=KernelSettings)
     subscriptions: list[SubscriptionSettings] = field(default_factory=list)
+    archives: list[ArchiveSettings] = field(default_factory=list)
+    syslog_forwarders: list[SyslogForwardSettings] = field(default_factory=list)
+    alerts: AlertSettings | None = None  # null: no alert consumer
     deny_list: str = ""  # file: one device id or certificate serial (hex or decimal) per line
 
     def validate(self) -> None:
@@ -197,6 +204,15 @@ class HubConfig:
             if key in seen:
                 raise ValueError(f"subscriptions: queue {sub.queue!r} is listed twice")
             seen.add(key)
+        # durable consumers share the log's consumer table: one name, one offset
+        names = [a.name for a in self.archives] + [f.name for f in self.syslog_forwarders]
+        names += [self.alerts.name] if self.alerts else []
+        names += [f"sub:{s.subject.split('.', 1)[0]}:{s.queue}" for s in self.subscriptions]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(
+                f"consumer name {dup[0]!r} is used twice (archives, syslog_forwarders, alerts)"
+            )
 
 
 def load_hub_config(path: str | Path) -> HubConfig:
@@ -214,4 +230,18 @@ def load_hub_config(path: str | Path) -> HubConfig:
         cfg.log.path = str(base / cfg.log.path)
     if cfg.deny_list and not Path(cfg.deny_list).is_absolute():
         cfg.deny_list = str(base / cfg.deny_list)
+    for arc in cfg.archives:
+        arc.directory = _under(base, arc.directory)
+    if cfg.alerts is not None:
+        cfg.alerts.rules = _under(base, cfg.alerts.rules)
+        if cfg.alerts.state_path:
+            cfg.alerts.state_path = _under(base, cfg.alerts.state_path)
+        if not Path(cfg.alerts.rules).is_file():
+            raise ConfigError(str(p), "alerts.rules", f"file not found: {cfg.alerts.rules}")
+        load_rules(cfg.alerts.rules)  # a bad rule fails now (ConfigError naming its file and key)
     return cfg
+
+
+def _under(base: Path, value: str) -> str:
+    """``value`` taken from the config file's folder unless it is absolute."""
+    return value if Path(value).is_absolute() else str(base / value)

@@ -22,6 +22,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from hub.alertsinks import alert_json
 from hub.server import Hub
 from hub.websub import TOKENS_KEY, Tokens, add_routes
 
@@ -172,6 +173,7 @@ def make_app(hub: Hub) -> web.Application:
     """The aiohttp application for ``hub``."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(HubCollector(hub))
+    registry.register(hub.consumers)
     tokens = Tokens(hub.config.http.token, dict(hub.config.http.tenant_tokens))
 
     @web.middleware
@@ -206,6 +208,10 @@ def make_app(hub: Hub) -> web.Application:
             return _error(404, f"no device {key[0]}/{key[1]}")
         return web.json_response(info.as_json(time.time()))
 
+    async def alerts(request: web.Request) -> web.Response:
+        active = [alert_json(a) for a in hub.consumers.active_alerts()]
+        return web.json_response({"alerts": active})
+
     async def reload(request: web.Request) -> web.Response:
         n = hub.reload_deny_list()
         return web.json_response({"denied": n})
@@ -217,6 +223,7 @@ def make_app(hub: Hub) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/devices", devices)
     app.router.add_get("/v1/devices/{tenant}/{device}", device)
+    app.router.add_get("/v1/alerts", alerts)
     app.router.add_post("/v1/revocations/reload", reload)
     add_routes(app, hub.subs)
     return app

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hub.config import HubConfig
+from hub.consumers import Consumers
 from hub.ingest import Accepted, GroupCommit, LatencyHistogram
 from hub.log import Log, LogError, PendingBatch
 from hub.presence import Presence, PresenceChange
@@ -104,6 +105,7 @@ class Hub:
         self.errors: Counter[str] = Counter()
         self.commit_latency = LatencyHistogram()
         self.subs = SubscriptionService(self.log, c.kernel, c.subscriptions)
+        self.consumers = Consumers(self.log, c.archives, c.syslog_forwarders, c.alerts)
         self.driver: UdpDriver | None = None
         self._commit_timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -275,6 +277,7 @@ class Hub:
     def _after_log_grew(self) -> None:
         """Hand what the log just committed to its readers."""
         self.subs.on_log_advanced()
+        self.consumers.on_log_advanced()
 
     def _flush(self) -> None:
         if self.driver is not None:
@@ -301,6 +304,7 @@ class Hub:
     async def start(self) -> None:
         """Bind the UDP port and start the periodic work."""
         self.subs.start(self._now())
+        self.consumers.start()
         host, port = _parse_addr(self.config.listen)
         self.driver = await open_driver(self.endpoint, (host, port), self._after)
         _grow_recv_buffer(self.driver, self.config.server.udp_receive_buffer_bytes)
@@ -351,6 +355,7 @@ class Hub:
         if self.driver is not None:
             self.driver.close()
         await self.subs.stop()
+        await self.consumers.stop()
         self.log.close()
 
     def device_list(self) -> list[dict[str, Any]]:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
 
 from transport import certs
+
+if TYPE_CHECKING:
+    from tests.integration.realpeers import Rsyslog
 
 
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:
@@ -74,3 +79,16 @@ def write_edge_config(
     path = tmp_path / f"{device}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@pytest.fixture
+def rsyslog(tmp_path: Path) -> Iterator[Rsyslog]:
+    """A real rsyslogd on a loopback TCP port (imtcp), writing what it receives as JSON lines."""
+    from tests.integration.realpeers import Rsyslog
+
+    server = Rsyslog(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -7,6 +7,7 @@ proxy) and simulated vehicles (`python -m simulator.vehicle`).
 from __future__ import annotations
 
 import collections
+import json
 import signal
 import subprocess
 import sys
@@ -123,7 +124,9 @@ def test_edge_sigkill_over_lossy_link_loses_and_doubles_nothing(tmp_path: Path, 
 
 
 def test_hub_sigkill_during_ingest_from_20_devices(tmp_path: Path, pki: Path) -> None:
-    hub_cfg = write_hub_config(tmp_path, pki)
+    """...and the hub's own archive consumer, killed with it, writes each record once."""
+    archive = {"name": "archive", "directory": str(tmp_path / "archive")}
+    hub_cfg = write_hub_config(tmp_path, pki, archives=[archive])
     hub_addr = yaml.safe_load(hub_cfg.read_text())["listen"]
     link_port = free_port()
     configs = [
@@ -172,3 +175,13 @@ def test_hub_sigkill_during_ingest_from_20_devices(tmp_path: Path, pki: Path) ->
         seqs = streams[0]
         assert len(seqs) == len(set(seqs)), f"{device}: duplicates in the log"
         assert sorted(seqs) == list(range(1, last_seq + 1)), f"{device}: records missing"
+    lines = [
+        json.loads(line)
+        for path in sorted((tmp_path / "archive").glob("*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+    archived = collections.Counter(
+        (r["device"], r["seq"]) for r in lines if not r["subject"].endswith(".presence")
+    )
+    assert max(archived.values()) == 1, "the archive wrote a record twice"
+    assert set(archived) == {(d, s) for d, last_seq in last.items() for s in range(1, last_seq + 1)}

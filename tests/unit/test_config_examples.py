@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from edge.config import EdgeConfig
+from hub.alerts import load_rules
 from hub.config import HubConfig
 from transport.configload import build, load_yaml
 from transport.errors import ConfigError
@@ -20,6 +21,14 @@ def test_hub_example_matches_the_code_and_its_defaults() -> None:
     assert cfg.log.retention_hard_max_bytes == 0 and cfg.http.listen == "127.0.0.1:8080"
     assert cfg.kernel.queue_idle_s == 300.0 and cfg.kernel.default_policy == "block"
     assert cfg.http.tenant_tokens == {} and cfg.subscriptions == []
+    assert [a.name for a in cfg.archives] == ["archive"] and cfg.archives[0].rotate_age_s == 86400
+    assert cfg.syslog_forwarders == []
+    assert cfg.alerts is not None and cfg.alerts.rules == "alerts.yaml" and cfg.alerts.resend_s == 60
+
+
+def test_alert_rules_example_loads() -> None:
+    rules = load_rules(CONFIG / "alerts.yaml")
+    assert {r.kind for r in rules.rules} == {"threshold", "rate", "absence"}
 
 
 def test_edge_example_matches_the_code_and_its_defaults() -> None:
