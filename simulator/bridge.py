@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import math
 import socket
@@ -39,7 +38,7 @@ from typing import Any, Final
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from simulator.bridgecore import BridgeCore, BridgeStats, Way, mark_frame
@@ -55,7 +54,7 @@ from simulator.netns import (
     Topology,
 )
 from simulator.pcap import DEFAULT_PCAP_MAX_BYTES, PcapMark, PcapWriter
-from simulator.proxy import DELAY_BUCKETS, DecisionLog, decision_record
+from simulator.proxy import DecisionLog, decision_record, direction_metrics
 
 __all__ = [
     "Bridge",
@@ -422,40 +421,12 @@ class _BridgeCollector:
 
     def collect(self) -> Iterable[Metric]:
         stats = self._bridge.stats()
-        frames = CounterMetricFamily(
-            "squall_bridge_frames",
-            "Frames read from a side, by direction and result",
-            labels=["direction", "result"],
-        )
-        sent = CounterMetricFamily(
-            "squall_bridge_bytes", "Bytes sent on (duplicates included)", labels=["direction"]
-        )
-        offered = CounterMetricFamily(
-            "squall_bridge_offered_bytes", "Bytes read from a side", labels=["direction"]
-        )
-        delay = HistogramMetricFamily(
-            "squall_bridge_delay_seconds",
-            "Time an impaired frame spent in the bridge",
-            labels=["direction"],
-        )
-        errors = CounterMetricFamily(
-            "squall_bridge_send_errors", "Frames the bridge failed to send", labels=["direction"]
-        )
+        ways = [(w.value, stats.way(w), stats.send_errors[w.value]) for w in Way]
+        yield from direction_metrics("squall_bridge", "frames", "the bridge", ways)
         pending = GaugeMetricFamily(
             "squall_bridge_pending", "Frames held in the bridge now", labels=["direction"]
         )
         for way in Way:
-            tally = stats.way(way)
-            for result, n in tally.packets.items():
-                frames.add_metric([way.value, result], n)
-            sent.add_metric([way.value], tally.bytes_out)
-            offered.add_metric([way.value], tally.bytes_in)
-            cumulative = list(itertools.accumulate(tally.delay_buckets))
-            bounds = [repr(b) for b in DELAY_BUCKETS] + ["+Inf"]
-            delay.add_metric(
-                [way.value], list(zip(bounds, cumulative, strict=True)), tally.delay_sum_s
-            )
-            errors.add_metric([way.value], stats.send_errors[way.value])
             pending.add_metric([way.value], stats.pending[way.value])
         kernel = CounterMetricFamily(
             "squall_bridge_kernel_drops",
@@ -464,7 +435,7 @@ class _BridgeCollector:
         )
         for side, n in stats.kernel_drops.items():
             kernel.add_metric([side], n)
-        yield from (frames, sent, offered, delay, errors, pending, kernel)
+        yield from (pending, kernel)
         yield CounterMetricFamily(
             "squall_bridge_pcap_skipped",
             "Frames not captured: pcap size limit reached",

@@ -39,7 +39,7 @@ from enum import StrEnum
 from typing import Any, Final
 
 from simulator.linkmodel import DecisionHook, Direction, DropCause, Link, LinkParams, flip_bit
-from simulator.proxy import DELAY_BUCKETS, DirectionTally
+from simulator.proxy import DELAY_BUCKETS, DirectionTally, Tally
 from simulator.schedule import DueSchedule
 
 __all__ = [
@@ -226,28 +226,6 @@ class BridgeStats:
         )
 
 
-class _Tally:
-    """Mutable counters behind DirectionTally."""
-
-    __slots__ = ("bytes_in", "bytes_out", "delay_buckets", "delay_sum", "packets")
-
-    def __init__(self) -> None:
-        self.packets = dict.fromkeys(BRIDGE_RESULTS, 0)
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.delay_buckets = [0] * (len(DELAY_BUCKETS) + 1)
-        self.delay_sum = 0.0
-
-    def snapshot(self) -> DirectionTally:
-        return DirectionTally(
-            dict(self.packets),
-            self.bytes_in,
-            self.bytes_out,
-            tuple(self.delay_buckets),
-            self.delay_sum,
-        )
-
-
 # A held frame: (due, tie-breaking seq, frame, offered at, corrupted).
 _Held = tuple[float, int, bytes, float, bool]
 
@@ -288,7 +266,7 @@ class BridgeCore:
         self.max_pending = max_pending
         self.link = Link(frame_params(params), seed=seed, device=name, on_decision=on_decision)
         self._queues = {way: _Queue() for way in Way}
-        self._tallies = {way: _Tally() for way in Way}
+        self._tallies = {way: Tally(BRIDGE_RESULTS) for way in Way}
         self._seq = itertools.count()
 
     def offer(self, way: Way, frame: bytes, now: float) -> str:

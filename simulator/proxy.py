@@ -304,13 +304,13 @@ class _Client:
     busy_until: float  # latest of: last packet seen, last delivery scheduled
 
 
-class _Tally:
-    """Mutable counters behind DirectionTally."""
+class Tally:
+    """Mutable counters of one direction behind DirectionTally (the proxy's and the bridge's)."""
 
     __slots__ = ("bytes_in", "bytes_out", "delay_buckets", "delay_sum", "packets")
 
-    def __init__(self) -> None:
-        self.packets = dict.fromkeys(RESULTS, 0)
+    def __init__(self, results: Iterable[str] = RESULTS) -> None:
+        self.packets = dict.fromkeys(results, 0)
         self.bytes_in = 0
         self.bytes_out = 0
         self.delay_buckets = [0] * (len(DELAY_BUCKETS) + 1)
@@ -356,7 +356,7 @@ class LinkProxyCore:
         self._on_decision = on_decision
         self._clients: OrderedDict[Address, _Client] = OrderedDict()  # least recent first
         self._schedules = {_UP: _Schedule(), _DOWN: _Schedule()}
-        self._tallies = {_UP: _Tally(), _DOWN: _Tally()}
+        self._tallies = {_UP: Tally(), _DOWN: Tally()}
         self._seq = itertools.count()
         self._pending = 0
         self._max_pending = self.limits.max_pending
@@ -411,7 +411,7 @@ class LinkProxyCore:
         return client
 
     @staticmethod
-    def _refuse(tally: _Tally, data: bytes) -> str:
+    def _refuse(tally: Tally, data: bytes) -> str:
         tally.packets["dropped_clients"] += 1
         tally.bytes_in += len(data)
         return "dropped_clients"
@@ -1042,42 +1042,8 @@ class _ProxyCollector:
 
     def collect(self) -> Iterable[Metric]:
         stats = self._proxy.stats()
-        packets = CounterMetricFamily(
-            "squall_link_packets",
-            "Packets offered to the link, by direction and result",
-            labels=["direction", "result"],
-        )
-        sent = CounterMetricFamily(
-            "squall_link_bytes",
-            "Bytes sent on by the link (duplicates included)",
-            labels=["direction"],
-        )
-        offered = CounterMetricFamily(
-            "squall_link_offered_bytes", "Bytes offered to the link", labels=["direction"]
-        )
-        delay = HistogramMetricFamily(
-            "squall_link_delay_seconds",
-            "Time from arrival at the proxy to sending on",
-            labels=["direction"],
-        )
-        errors = CounterMetricFamily(
-            "squall_link_send_errors", "Datagrams the proxy failed to send", labels=["direction"]
-        )
-        for name in ("up", "down"):
-            tally = stats.direction(name)
-            for result, n in tally.packets.items():
-                packets.add_metric([name, result], n)
-            sent.add_metric([name], tally.bytes_out)
-            offered.add_metric([name], tally.bytes_in)
-            cumulative = list(itertools.accumulate(tally.delay_buckets))
-            bounds = [repr(b) for b in DELAY_BUCKETS] + ["+Inf"]
-            delay.add_metric([name], list(zip(bounds, cumulative, strict=True)), tally.delay_sum_s)
-            errors.add_metric([name], stats.send_errors[name])
-        yield packets
-        yield sent
-        yield offered
-        yield delay
-        yield errors
+        ways = [(name, stats.direction(name), stats.send_errors[name]) for name in ("up", "down")]
+        yield from direction_metrics("squall_link", "packets", "the proxy", ways)
         yield GaugeMetricFamily("squall_link_clients", "Clients tracked now", value=stats.clients)
         yield GaugeMetricFamily(
             "squall_link_pending", "Datagrams in flight inside the proxy", value=stats.pending
@@ -1095,6 +1061,45 @@ class _ProxyCollector:
             "Decisions not logged: size limit reached",
             value=stats.decision_log_skipped,
         )
+
+
+def direction_metrics(
+    prefix: str, unit: str, who: str, ways: Iterable[tuple[str, DirectionTally, int]]
+) -> list[Metric]:
+    """Per-direction families of a link: <unit> by result, bytes, offered bytes, delay, errors.
+
+    ``ways`` holds (direction label, its tally, its send errors); shared by ``squall link``
+    (``squall_link_packets``...) and the bridge (``squall_bridge_frames``...).
+    """
+    results = CounterMetricFamily(
+        f"{prefix}_{unit}",
+        f"{unit.capitalize()} offered to the link, by direction and result",
+        labels=["direction", "result"],
+    )
+    sent = CounterMetricFamily(
+        f"{prefix}_bytes", f"Bytes sent on by {who} (duplicates included)", labels=["direction"]
+    )
+    offered = CounterMetricFamily(
+        f"{prefix}_offered_bytes", "Bytes offered to the link", labels=["direction"]
+    )
+    delay = HistogramMetricFamily(
+        f"{prefix}_delay_seconds",
+        f"Time from arrival at {who} to sending on",
+        labels=["direction"],
+    )
+    errors = CounterMetricFamily(
+        f"{prefix}_send_errors", f"{unit.capitalize()} {who} failed to send", labels=["direction"]
+    )
+    bounds = [repr(b) for b in DELAY_BUCKETS] + ["+Inf"]
+    for name, tally, n_errors in ways:
+        for result, n in tally.packets.items():
+            results.add_metric([name, result], n)
+        sent.add_metric([name], tally.bytes_out)
+        offered.add_metric([name], tally.bytes_in)
+        cumulative = list(itertools.accumulate(tally.delay_buckets))
+        delay.add_metric([name], list(zip(bounds, cumulative, strict=True)), tally.delay_sum_s)
+        errors.add_metric([name], n_errors)
+    return [results, sent, offered, delay, errors]
 
 
 # -- starting ------------------------------------------------------------------------------
