@@ -144,6 +144,8 @@ class Agent:
 
     def _schedule_commit(self) -> None:
         """Arm the one commit timer: the group commit, or the spool's own sync/ack deadline."""
+        if self._stopping:  # stop() makes the last commit itself; the spool is closing
+            return
         loop = asyncio.get_running_loop()
         at = self.spool.next_commit_at()
         if self._commit_waiters:

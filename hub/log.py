@@ -781,11 +781,14 @@ class Log:
         must write each message once also records offsets in its own output and
         skips what it already holds.  Moving an offset back (a replay) is allowed.
         """
-        if not 0 <= offset <= self._totals.next_offset:
-            raise LogError(f"consumer {name!r}: offset {offset} is not in [0, next_offset]")
         with self._lock:
             db = self._conn()
             with self._transaction(db):
+                # next_offset from the file, not this object's copy: the log may be
+                # written by another process (a hub) while this one is a consumer
+                ((end,),) = db.execute("SELECT value FROM meta WHERE key = 'next_offset'")
+                if not 0 <= offset <= max(int(end), self._totals.next_offset):
+                    raise LogError(f"consumer {name!r}: offset {offset} is not in [0, next_offset]")
                 db.execute(
                     "INSERT INTO consumers VALUES (?, ?) ON CONFLICT (name) "
                     "DO UPDATE SET committed_offset = excluded.committed_offset",
