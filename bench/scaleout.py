@@ -1,33 +1,42 @@
-"""Scale-out benchmark: hub-side CPU per 100,000 committed records, SQLite log vs JetStream log.
+"""Scale-out benchmark: hub CPU per 100,000 committed records, SQLite log vs JetStream log,
+one hub process vs two.
 
 Run: ``.venv/bin/python bench/scaleout.py [--quick] [--json]``.
 
-Both backends get the same batches: ``--devices`` devices (100) each send
-``--batch`` records (100 GPS-like fixes, ~200 bytes of JSON each) per batch, encoded
-once per device as the edge would (msgpack + zstd columns) and replayed with advancing
-seqs -- the log stores a batch as received, so replaying the bytes costs each backend
-what a real batch costs.  Groups of ``--group`` batches (10: what 5 ms of group commit
-holds at ~200,000 records/s) go to
+**Whole hubs under real edge load** (the issue 7 figures).  ``squall hub`` processes
+(what ``python -m transport.cli hub`` runs) pinned to the first CPU; ``--devices``
+devices (100) in ``--procs`` load processes (4) pinned to the other CPU, as in
+bench/hub_ingest.py: real QUIC, TLS 1.3 and device certificates, each device sending
+an endless stream of GPS fixes in 100-record batches (encoded once, replayed with
+advancing seqs) as fast as CREDIT and a 2,000-record window allow.  After a warm-up,
+each hub's ``squall_hub_records_committed_total`` and utime+stime are read at the
+start and end of a steady window:
 
-- ``hub.log.Log.append_group`` (SQLite, WAL, ``synchronous: normal``, a temp dir), and
-- ``hub.jslog.JetStreamLog.append_group`` against a real ``nats-server -js`` (file
-  storage, a temp dir, loopback) that this program starts, pinned to the other CPU.
+- ``cpu_s_per_100k_sqlite``: one hub, ``log.backend: sqlite`` (the shipped defaults);
+- ``cpu_s_per_100k_jetstream_1hub`` / ``records_per_s_jetstream_1hub``: one hub,
+  ``log.backend: jetstream`` against a real ``nats-server -js`` (file storage, a temp
+  dir, ``max_payload: 2MB``) started here and pinned to the other CPU;
+- ``cpu_s_per_100k_jetstream_2hubs``: two hub processes on that stream, each device
+  sending to its home hub by rendezvous placement (``edge.placement``) -- the sum of
+  both hubs' CPU over the sum of what they committed.  Both share the first CPU: this
+  machine has 2 cores, so per-record cost, not wall throughput, shows whether scaling
+  out is free.
 
-``cpu_s_per_100k_*`` is this process's CPU time (``time.process_time``: the work the
-hub's own core would do) per 100,000 records stored; the bench process is pinned to
-one CPU.  ``nats_server_cpu_s_per_100k`` is what the JetStream server spent on its own
-core meanwhile (it is not the hub's, but it is a machine's).  ``records_per_s_*`` is
-wall-clock throughput of the loop (one group in flight at a time, as the hub commits).
-The whole hub costs more per record than its log (QUIC, sessions, decoding checks:
-about 0.6 s per 100k in bench/hub_ingest.py); the difference between the two log
-figures is what moving to JetStream adds to it.  Two hub processes on one JetStream
-(``cpu_s_per_100k_jetstream_2hubs``) come with the hub integration.
+``nats_server_cpu_s_per_100k_*`` is what the JetStream server spent meanwhile on its
+own core (not the hub's, but a machine's).  Targets: JetStream within 1.3x of SQLite's
+per-record hub CPU; two hubs no more per record than one.
+
+**The log alone** (``log_cpu_s_per_100k_sqlite``, ``log_cpu_s_per_100k_jetstream``):
+the same batches handed straight to ``hub.log.Log.append_group`` and
+``hub.jslog.JetStreamLog.append_group`` in this process (groups of ``--group`` batches,
+one in flight), so the difference the backend makes is seen without QUIC around it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing as mp
 import random
 import shutil
 import socket
@@ -35,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +53,26 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 from _common import (
     BenchError,
+    Hub,
     cpu_seconds,
     cpu_split,
     die_with_parent,
     free_port,
     machine,
     machine_line,
+    make_pki,
     pin,
     print_json,
+    raise_fd_limit,
     watchdog,
+    write_hub_config,
 )
+from hub_ingest import HANDSHAKES_IN_FLIGHT, Load, Workers, install_replay, total
 
+# hub_ingest put bench/ first again, where bench/edge.py would shadow the edge package
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from edge.placement import home_hub
 from hub.jslog import JetStreamLog, JetStreamSettings
 from hub.log import Log, PendingBatch
 from simulator.telemetry import Drive
@@ -61,6 +80,8 @@ from transport.batchcodec import Record, encode_batch
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 TARGET_RATIO = 1.3  # issue 7: JetStream within 1.3x of SQLite's per-record hub CPU
+COMMITTED = "squall_hub_records_committed_total"
+COMMITS = "squall_hub_commits_total"
 
 
 def device_batches(devices: int, size: int) -> list[tuple[str, int, bytes]]:
@@ -128,8 +149,8 @@ def measure_sqlite(work: list[list[PendingBatch]], tmp: Path) -> dict[str, Any]:
     finally:
         log.close()
     return {
-        "cpu_s_per_100k_sqlite": round(cpu / records * 1e5, 3),
-        "records_per_s_sqlite": int(records / wall),
+        "log_cpu_s_per_100k_sqlite": round(cpu / records * 1e5, 3),
+        "log_records_per_s_sqlite": int(records / wall),
     }
 
 
@@ -139,13 +160,20 @@ def _child_setup(cpus: set[int]) -> None:
 
 
 class NatsServer:
-    """nats-server with JetStream in ``root``, on a free loopback port, pinned to ``cpus``."""
+    """nats-server with JetStream in ``root``, on a free loopback port, pinned to ``cpus``.
+
+    ``max_payload: 2MB`` as the README recipe says: a hub with the default 1 MiB
+    ``limits.max_frame_bytes`` refuses to start on the server's 1 MiB default.
+    """
 
     def __init__(self, root: Path, cpus: set[int]) -> None:
         self.port = free_port(socket.SOCK_STREAM)
+        self.url = f"nats://127.0.0.1:{self.port}"
         (root / "js").mkdir()
+        (root / "nats.conf").write_text("max_payload: 2MB\n")
+        argv = [NATS_SERVER, "-js", "-sd", str(root / "js"), "-c", str(root / "nats.conf")]
         self.proc = subprocess.Popen(
-            [NATS_SERVER, "-js", "-sd", str(root / "js"), "-a", "127.0.0.1", "-p", str(self.port)],
+            [*argv, "-a", "127.0.0.1", "-p", str(self.port)],
             stdout=(root / "nats.log").open("wb"),
             stderr=subprocess.STDOUT,
             preexec_fn=lambda: _child_setup(cpus),
@@ -193,89 +221,286 @@ async def _jetstream_run(
     finally:
         await log.close()
     return {
-        "cpu_s_per_100k_jetstream_1hub": round(cpu / records * 1e5, 3),
-        "records_per_s_jetstream_1hub": int(records / wall),
-        "nats_server_cpu_s_per_100k": round(server_cpu / records * 1e5, 3),
+        "log_cpu_s_per_100k_jetstream": round(cpu / records * 1e5, 3),
+        "log_records_per_s_jetstream": int(records / wall),
+        "log_nats_server_cpu_s_per_100k": round(server_cpu / records * 1e5, 3),
     }
 
 
-def measure_jetstream(work: list[list[PendingBatch]], tmp: Path, cpus: set[int]) -> dict[str, Any]:
-    if not Path(NATS_SERVER).exists():
-        raise BenchError("nats-server is not installed: run `make system-deps`")
-    server = NatsServer(tmp, cpus)
+def measure_jetstream_log(work: list[list[PendingBatch]], server: NatsServer) -> dict[str, Any]:
+    settings = JetStreamSettings(servers=[server.url], stream="SQUALLBENCH", max_bytes=-1)
     try:
-        settings = JetStreamSettings(
-            servers=[f"nats://127.0.0.1:{server.port}"], stream="SQUALLBENCH", max_bytes=-1
-        )
-        try:
-            import uvloop
+        import uvloop
 
-            runner: Any = uvloop.run
-        except ImportError:  # pragma: no cover - uvloop is a dev dependency
-            runner = asyncio.run
-        return dict(runner(_jetstream_run(work, settings, server.proc.pid)))
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dev dependency
+        runner = asyncio.run
+    return dict(runner(_jetstream_run(work, settings, server.proc.pid)))
+
+
+# --- whole hubs under real edge load -----------------------------------------------------
+
+
+class PlacedLoad(Load):
+    """bench/hub_ingest.py's load process, each device sending to its rendezvous home hub."""
+
+    def __init__(self, conn: Connection, worker: int, plan: dict[str, Any]) -> None:
+        super().__init__(conn, worker, plan)
+        self.hub_ports = {f"127.0.0.1:{p}": int(p) for p in plan["ports"]}
+
+    async def _handshake(self, d: Any, timeout: float) -> bool:
+        # Load._handshake reads self.port before its first await: set it per device
+        self.port = self.hub_ports[home_hub(list(self.hub_ports), d.name)]
+        return bool(await super()._handshake(d, timeout))
+
+
+def placed_load_main(conn: Connection, worker: int, plan: dict[str, Any]) -> None:
+    """Entry point of a load process (forked), as hub_ingest.load_main with placement."""
+    die_with_parent()
+    pin(set(plan["cpus"]))
+    raise_fd_limit()
+    install_replay()
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    asyncio.run(PlacedLoad(conn, worker, plan).run())
+
+
+class PlacedWorkers(Workers):
+    """The load processes of hub_ingest.Workers, running PlacedLoad."""
+
+    def __init__(self, n: int, plan: dict[str, Any]) -> None:
+        ctx = mp.get_context("fork")
+        self.procs: list[Any] = []
+        self.conns: list[Connection] = []
+        for i in range(n):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=placed_load_main, args=(child, i, plan), daemon=True)
+            p.start()
+            child.close()
+            self.procs.append(p)
+            self.conns.append(parent)
+        self.gather("hello", 30)
+
+
+def measure_hubs(
+    args: argparse.Namespace,
+    tmp: Path,
+    pki: Path,
+    n_hubs: int,
+    server: NatsServer | None,
+    stream: str,
+) -> dict[str, Any]:
+    """Committed records and CPU of ``n_hubs`` hub processes over a steady window."""
+    hub_cpus, load_cpus = cpu_split()
+    hubs: list[Hub] = []
+    workers: PlacedWorkers | None = None
+    try:
+        for i in range(n_hubs):
+            d = tmp / f"hub{i}"
+            d.mkdir()
+            over: dict[str, Any] = {}
+            if server is not None:
+                over = {
+                    "log": {"backend": "jetstream"},
+                    "jetstream": {
+                        "servers": [server.url],
+                        "stream": stream,
+                        "subject_prefix": f"{stream.lower()}.log",  # streams may not overlap
+                        "max_bytes": -1,
+                    },
+                    "name": f"hub{i}",
+                }
+            hubs.append(Hub(write_hub_config(d, pki, **over), hub_cpus, d))
+        for h in hubs:
+            h.wait_ready()
+        ports = [h.files.udp_port for h in hubs]
+        plan = {
+            "port": ports[0],
+            "ports": ports,
+            "pki": str(pki),
+            "cpus": sorted(load_cpus),
+            "replay": True,
+            "in_flight": HANDSHAKES_IN_FLIGHT,
+        }
+        per_proc = args.devices // args.procs
+        workers = PlacedWorkers(args.procs, plan)
+        workers.send("connect", per_proc, 60.0)
+        up = total(workers.gather("connected", 90), "up")
+        if up != per_proc * args.procs:
+            raise BenchError(f"only {up} of {per_proc * args.procs} devices connected")
+        workers.send("go")
+        time.sleep(args.warmup)
+        for h in hubs:
+            h.check_alive()
+        g0 = [h.metrics() for h in hubs]
+        m0 = [g.get(COMMITTED, 0.0) for g in g0]
+        c0 = [cpu_seconds(h.pid) for h in hubs]
+        s0 = cpu_seconds(server.proc.pid) if server is not None else 0.0
+        t0 = time.monotonic()
+        time.sleep(args.window)
+        c1 = [cpu_seconds(h.pid) for h in hubs]
+        s1 = cpu_seconds(server.proc.pid) if server is not None else 0.0
+        t1 = time.monotonic()
+        g1 = [h.metrics() for h in hubs]
+        m1 = [g.get(COMMITTED, 0.0) for g in g1]
+        workers.send("pause")
+        workers.stop()
+        workers = None
+        for h in hubs:
+            h.stop_clean(60)
     finally:
-        server.stop()
+        if workers is not None:
+            workers.stop()
+        for h in hubs:
+            h.stop()
+    per_hub = [b - a for a, b in zip(m0, m1, strict=True)]
+    committed = sum(per_hub)
+    if committed <= 0:
+        raise BenchError(f"{n_hubs} hub(s) committed nothing in the window")
+    cpu = sum(c1) - sum(c0)
+    commits = sum(b.get(COMMITS, 0.0) - a.get(COMMITS, 0.0) for a, b in zip(g0, g1, strict=True))
+    return {
+        "cpu_s_per_100k": round(cpu / committed * 1e5, 3),
+        "records_per_s": round(committed / (t1 - t0)),
+        "per_hub_records": [int(x) for x in per_hub],
+        "hub_cpu_util": round(cpu / (t1 - t0), 2),  # summed over the hubs (they share one CPU)
+        "records_per_commit": round(committed / commits) if commits else None,
+        "nats_cpu_s_per_100k": round((s1 - s0) / committed * 1e5, 3) if server else None,
+    }
+
+
+def measure_whole_hubs(args: argparse.Namespace, tmp: Path, server: NatsServer) -> dict[str, Any]:
+    raise_fd_limit()
+    pki = make_pki(tmp / "certs")
+    out: dict[str, Any] = {}
+    runs = [("sqlite", 1, None, ""), ("jetstream_1hub", 1, server, "SQUALLB1")]
+    runs.append(("jetstream_2hubs", 2, server, "SQUALLB2"))
+    for key, n, srv, stream in runs:
+        (tmp / key).mkdir()
+        r = measure_hubs(args, tmp / key, pki, n, srv, stream)
+        out[f"cpu_s_per_100k_{key}"] = r["cpu_s_per_100k"]
+        out[f"records_per_s_{key}"] = r["records_per_s"]
+        out[f"hub_cpu_util_{key}"] = r["hub_cpu_util"]
+        out[f"records_per_commit_{key}"] = r["records_per_commit"]
+        if srv is not None:
+            out[f"nats_server_cpu_s_per_100k_{key}"] = r["nats_cpu_s_per_100k"]
+        if n > 1:
+            out[f"per_hub_records_{key}"] = r["per_hub_records"]
+    return out
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
+    if not Path(NATS_SERVER).exists():
+        raise BenchError("nats-server is not installed: run `make system-deps`")
     mine, others = cpu_split()
-    pin(mine)
     templates = device_batches(args.devices, args.batch)
     work = groups(templates, args.batch, args.group, args.records)
     out: dict[str, Any] = {
         "machine": machine(),
         "devices": args.devices,
+        "load_procs": args.procs,
+        "window_s": args.window,
         "batch_records": args.batch,
         "group_batches": args.group,
-        "records": sum(b.count for g in work[5:] for b in g),
+        "log_records": sum(b.count for g in work[5:] for b in g),
         "bytes_per_record": round(len(templates[0][2]) / args.batch, 1),
     }
     tmp = Path(tempfile.mkdtemp(prefix="squall-bench-scaleout-"))
     try:
-        (tmp / "sqlite").mkdir()
-        (tmp / "nats").mkdir()
-        out.update(measure_sqlite(work, tmp / "sqlite"))
-        out.update(measure_jetstream(work, tmp / "nats", others))
+        for d in ("sqlite", "nats", "hubs"):
+            (tmp / d).mkdir()
+        server = NatsServer(tmp / "nats", others)
+        try:
+            if not args.skip_hubs:
+                out.update(measure_whole_hubs(args, tmp / "hubs", server))
+            pin(mine)  # the log-only loops run in this process, on the hub's CPU
+            out.update(measure_sqlite(work, tmp / "sqlite"))
+            out.update(measure_jetstream_log(work, server))
+        finally:
+            server.stop()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    sq, js = out["cpu_s_per_100k_sqlite"], out["cpu_s_per_100k_jetstream_1hub"]
-    out["jetstream_over_sqlite"] = round(js / sq, 2) if sq else None
-    out["cpu_s_per_100k_jetstream_2hubs"] = None  # needs the hub integration (issue 7)
+    sq, js = out["log_cpu_s_per_100k_sqlite"], out["log_cpu_s_per_100k_jetstream"]
+    out["log_jetstream_over_sqlite"] = round(js / sq, 2) if sq else None
+    if not args.skip_hubs:
+        sq, one = out["cpu_s_per_100k_sqlite"], out["cpu_s_per_100k_jetstream_1hub"]
+        two = out["cpu_s_per_100k_jetstream_2hubs"]
+        out["jetstream_over_sqlite"] = round(one / sq, 2) if sq else None
+        out["two_hubs_over_one"] = round(two / one, 2) if one else None
     return out
 
 
 def report(out: dict[str, Any]) -> None:
+    def mark(ok: bool) -> str:
+        return "ok" if ok else "MISSED"
+
     print(machine_line(out["machine"]))
+    if "cpu_s_per_100k_sqlite" in out:
+        print(
+            f"whole hubs: {out['devices']} devices in {out['load_procs']} load processes, "
+            f"{out['window_s']} s window, hubs on one CPU, load and nats-server on the other"
+        )
+        for key, label in (
+            ("sqlite", "1 hub,  SQLite   "),
+            ("jetstream_1hub", "1 hub,  JetStream"),
+            ("jetstream_2hubs", "2 hubs, JetStream"),
+        ):
+            nats = out.get(f"nats_server_cpu_s_per_100k_{key}")
+            extra = f"; nats-server {nats} CPU-s per 100k" if nats is not None else ""
+            print(
+                f"  {label}: {out[f'cpu_s_per_100k_{key}']} hub CPU-s per 100k records, "
+                f"{out[f'records_per_s_{key}']:,} records/s (hub CPU {out[f'hub_cpu_util_{key}']}, "
+                f"{out[f'records_per_commit_{key}']} records per commit){extra}"
+            )
+        if "per_hub_records_jetstream_2hubs" in out:
+            print(f"  2 hubs' shares of the window: {out['per_hub_records_jetstream_2hubs']}")
+        ratio, two = out["jetstream_over_sqlite"], out["two_hubs_over_one"]
+        print(
+            f"  JetStream / SQLite per record: {ratio}x   target <= {TARGET_RATIO}x: "
+            f"{mark(ratio is not None and ratio <= TARGET_RATIO)}"
+        )
+        print(
+            f"  2 hubs / 1 hub per record: {two}x   target <= 1.0x: "
+            f"{mark(two is not None and two <= 1.0)} (a few % either way is noise here)"
+        )
     print(
-        f"{out['records']:,} records: {out['devices']} devices, {out['batch_records']}-record "
-        f"batches ({out['bytes_per_record']} bytes/record on the wire), "
-        f"{out['group_batches']} batches per group"
+        f"log alone, {out['log_records']:,} records ({out['batch_records']}-record batches, "
+        f"{out['bytes_per_record']} bytes/record, {out['group_batches']} batches per group):"
     )
     print(
-        f"  SQLite log:    {out['cpu_s_per_100k_sqlite']} CPU-s per 100k records, "
-        f"{out['records_per_s_sqlite']:,} records/s"
+        f"  SQLite:    {out['log_cpu_s_per_100k_sqlite']} CPU-s per 100k, "
+        f"{out['log_records_per_s_sqlite']:,} records/s"
     )
     print(
-        f"  JetStream log: {out['cpu_s_per_100k_jetstream_1hub']} CPU-s per 100k records "
-        f"(hub side), {out['records_per_s_jetstream_1hub']:,} records/s; nats-server "
-        f"{out['nats_server_cpu_s_per_100k']} CPU-s per 100k on its own core"
+        f"  JetStream: {out['log_cpu_s_per_100k_jetstream']} CPU-s per 100k (hub side), "
+        f"{out['log_records_per_s_jetstream']:,} records/s; nats-server "
+        f"{out['log_nats_server_cpu_s_per_100k']} CPU-s per 100k"
     )
-    print(f"  JetStream / SQLite (log only): {out['jetstream_over_sqlite']}x")
+    print(f"  JetStream / SQLite (log only): {out['log_jetstream_over_sqlite']}x")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", type=int, default=100)
-    ap.add_argument("--batch", type=int, default=100, help="records per batch")
-    ap.add_argument("--group", type=int, default=10, help="batches per group commit")
-    ap.add_argument("--records", type=int, default=1_000_000)
-    ap.add_argument("--quick", action="store_true", help="200,000 records")
+    ap.add_argument("--procs", type=int, default=4, help="load processes (4)")
+    ap.add_argument("--warmup", type=float, default=5.0, help="s before each window (5)")
+    ap.add_argument("--window", type=float, default=15.0, help="steady window, s (15)")
+    ap.add_argument("--batch", type=int, default=100, help="records per batch (log alone)")
+    ap.add_argument("--group", type=int, default=10, help="batches per group (log alone)")
+    ap.add_argument("--records", type=int, default=1_000_000, help="records (log alone)")
+    ap.add_argument("--skip-hubs", action="store_true", help="only the log-alone figures")
+    ap.add_argument("--quick", action="store_true", help="short windows, 200,000 records")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--timeout", type=float, default=600.0, help="bound on the whole run (s)")
+    ap.add_argument("--timeout", type=float, default=900.0, help="bound on the whole run (s)")
     args = ap.parse_args()
     if args.quick:
-        args.records = 200_000
+        args.records, args.warmup, args.window = 200_000, 3.0, 8.0
+    if args.procs < 1 or args.devices < args.procs:
+        ap.error("--devices must be at least --procs >= 1")
     try:
         with watchdog(args.timeout):
             out = bench(args)

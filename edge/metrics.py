@@ -43,6 +43,16 @@ class AgentCollector:
         )
         yield CounterMetricFamily("squall_edge_reconnects", "Reconnects", value=a.stats.reconnects)
         yield CounterMetricFamily(
+            "squall_edge_failovers",
+            "Moves to the next hub of the placement order",
+            value=a.reconnector.failovers,
+        )
+        yield GaugeMetricFamily(
+            "squall_edge_on_home_hub",
+            "1 while the agent uses its home hub (first of its placement order)",
+            value=int(a.reconnector.current == a.reconnector.home),
+        )
+        yield CounterMetricFamily(
             "squall_edge_early_data_sessions",
             "Sessions resumed with 0-RTT",
             value=a.stats.early_data_sessions,

@@ -14,6 +14,7 @@ from hub.alerts import load_rules
 from hub.alertsinks import AlertSettings
 from hub.archive import ArchiveSettings
 from hub.filters import compile_filter
+from hub.jslog import JetStreamSettings
 from hub.subjects import validate_pattern
 from hub.syslogfwd import SyslogForwardSettings
 from transport.configload import build, load_yaml
@@ -62,9 +63,10 @@ class ServerLimits:
 
 @dataclass(slots=True)
 class LogSettings:
-    """The durable log (SQLite, WAL)."""
+    """The durable log: SQLite (WAL) in this process, or JetStream shared by many hubs."""
 
-    path: str = "hub.db"
+    backend: Literal["sqlite", "jetstream"] = "sqlite"  # jetstream: see the jetstream section
+    path: str = "hub.db"  # sqlite only
     synchronous: Literal["full", "normal"] = "normal"
     group_commit_ms: float = 5.0
     group_commit_records: int = 20_000
@@ -195,9 +197,13 @@ class HubConfig:
     syslog_forwarders: list[SyslogForwardSettings] = field(default_factory=list)
     alerts: AlertSettings | None = None  # null: no alert consumer
     deny_list: str = ""  # file: one device id or certificate serial (hex or decimal) per line
+    jetstream: JetStreamSettings = field(default_factory=JetStreamSettings)
+    name: str = ""  # this hub in shared presence (jetstream); "": <hostname>:<udp port>
 
     def validate(self) -> None:
-        """Configured queue names are unique per tenant."""
+        """Queue names are unique per tenant; the jetstream backend runs no consumers here."""
+        if self.log.backend == "jetstream":
+            self._validate_jetstream()
         seen: set[tuple[str, str]] = set()
         for sub in self.subscriptions:
             key = (sub.subject.split(".", 1)[0], sub.queue)
@@ -212,6 +218,28 @@ class HubConfig:
         if dup:
             raise ValueError(
                 f"consumer name {dup[0]!r} is used twice (archives, syslog_forwarders, alerts)"
+            )
+
+    def _validate_jetstream(self) -> None:
+        given = [
+            key
+            for key, value in (
+                ("archives", self.archives),
+                ("syslog_forwarders", self.syslog_forwarders),
+                ("alerts", self.alerts),
+            )
+            if value
+        ]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)}: with log.backend jetstream the hub runs no durable "
+                "consumers; run them against the shared log with `squall consume --config "
+                "consume.yaml` (see config/consume.yaml)"
+            )
+        if self.subscriptions:
+            raise ValueError(
+                "subscriptions: live subscriptions read the local log, which log.backend "
+                "jetstream does not have; use a JetStream consumer or `squall consume`"
             )
 
 

@@ -1,11 +1,15 @@
-"""The durable consumers configured in hub.yaml, run inside the hub process.
+"""The durable consumers: run inside the hub (hub.yaml) or by ``squall consume`` (JetStream).
 
 JSON-lines archives (``archives:``), syslog forwarders (``syslog_forwarders:``) and the
-alert consumer (``alerts:``).  Each reads the hub's log from its own committed offset
-(its name is its key in the log's consumer table, so retention keeps what it has not
-read) and is woken when the log grows; between wake-ups each looks on its own every
+alert consumer (``alerts:``).  Each reads a log from its own committed offset (its
+name is its key in the log's consumer table, so retention keeps what it has not read)
+and is woken when the log grows; between wake-ups each looks on its own every
 ``poll_s``.  A consumer that fails is logged, counted and restarted after a pause; it
-never takes the hub down, and it resumes from its committed offset.
+never takes its process down, and it resumes from its committed offset.
+
+The log is the hub's own ``hub.log.Log`` shared by all, or one log per consumer name
+(``squall consume`` gives each its own ``hub.jslog.JetStreamLogView``: a JetStream
+durable consumer of that name on the shared stream).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -25,6 +30,9 @@ from hub.log import Log
 from hub.syslogfwd import SyslogForwarder, SyslogForwardSettings
 
 log = logging.getLogger("squall.hub.consumers")
+
+# the hub's log for every consumer, or a log per consumer name
+LogSource: TypeAlias = Log | Callable[[str], Log]
 
 ARCHIVE_BATCH = 5000
 ARCHIVE_POLL_S = 0.5
@@ -42,17 +50,18 @@ class Consumers:
 
     def __init__(
         self,
-        hub_log: Log,
+        source: LogSource,
         archives: list[ArchiveSettings],
         forwarders: list[SyslogForwardSettings],
         alerts: AlertSettings | None,
     ) -> None:
-        self.log = hub_log
+        log_for = source if callable(source) else (lambda _name: source)
         self.archives = [
-            _Archive(JsonArchive.from_settings(hub_log, s), asyncio.Event()) for s in archives
+            _Archive(JsonArchive.from_settings(log_for(s.name), s), asyncio.Event())
+            for s in archives
         ]
-        self.forwarders = [SyslogForwarder(hub_log, s) for s in forwarders]
-        self.alerts = AlertConsumer(hub_log, alerts) if alerts is not None else None
+        self.forwarders = [SyslogForwarder(log_for(s.name), s) for s in forwarders]
+        self.alerts = AlertConsumer(log_for(alerts.name), alerts) if alerts is not None else None
         self.failures: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False

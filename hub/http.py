@@ -1,5 +1,9 @@
 """The hub's HTTP API (aiohttp): health, readiness, metrics, devices, revocation, subscriptions.
 
+With ``log.backend: jetstream`` there are no live subscriptions on the hub:
+/v1/subscribe and /v1/subscriptions answer 501, naming ``squall consume``; and
+``GET /v1/presence/shared`` lists every device of every hub from the shared bucket.
+
 Bound to 127.0.0.1 by default.  Everything but /healthz and /readyz needs
 ``Authorization: Bearer <token>``: the admin token (``http.token``) opens every
 endpoint; a tenant token (``http.tenant_tokens``) opens only /v1/subscribe and
@@ -25,6 +29,7 @@ from prometheus_client.core import (
 from hub.alertsinks import alert_json
 from hub.server import Hub
 from hub.websub import TOKENS_KEY, Tokens, add_routes
+from transport.errors import SquallError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -89,7 +94,9 @@ class HubCollector:
             pres.add_metric([state], n)
         yield pres
         yield self._commit_histogram()
-        yield from kernel_metrics(hub)
+        if hub.subs is not None:
+            yield from kernel_metrics(hub)
+        yield from jetstream_metrics(hub)
 
     def _commit_histogram(self) -> HistogramMetricFamily:
         h = self.hub.commit_latency
@@ -100,8 +107,65 @@ class HubCollector:
         )
 
 
+def jetstream_metrics(hub: Hub) -> Iterator[Metric]:
+    """The JetStream log's and shared presence's counters (nothing with the sqlite backend)."""
+    if hub.jslog is None:
+        return
+    st = hub.jslog.stats
+
+    def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+        return CounterMetricFamily(name, doc, value=value)
+
+    yield counter(
+        "squall_hub_jetstream_published", "Batches JetStream acknowledged as new", st.published
+    )
+    dup = CounterMetricFamily(
+        "squall_hub_jetstream_duplicates",
+        "Repeats not stored: whole batches by message id (window), records by range check",
+        labels=["kind"],
+    )
+    dup.add_metric(["window"], st.duplicates_window)
+    dup.add_metric(["range"], st.duplicates_skipped)
+    yield dup
+    yield counter(
+        "squall_hub_jetstream_commit_failures",
+        "Group commits and hub records JetStream did not confirm (nothing ACKed)",
+        st.commit_failures,
+    )
+    yield counter(
+        "squall_hub_jetstream_mark_lookups", "Device marks read from the stream", st.mark_lookups
+    )
+    yield GaugeMetricFamily(
+        "squall_hub_jetstream_connected",
+        "1 while connected to NATS",
+        value=int(hub.jslog.connection is not None and hub.jslog.connection.is_connected),
+    )
+    shared = hub.jspresence.stats if hub.jspresence is not None else None
+    yield counter(
+        "squall_hub_presence_superseded",
+        "Stale/offline reports dropped: the device is on another hub now",
+        shared.superseded if shared else 0,
+    )
+    yield counter(
+        "squall_hub_presence_shared",
+        "Presence changes written to the shared bucket",
+        shared.written if shared else 0,
+    )
+    yield GaugeMetricFamily(
+        "squall_hub_presence_backlog",
+        "Presence changes waiting to be shared",
+        value=hub.presence_backlog,
+    )
+    yield counter(
+        "squall_hub_presence_dropped",
+        "Presence changes dropped unshared (backlog full)",
+        hub.counters["presence_dropped"],
+    )
+
+
 def kernel_metrics(hub: Hub) -> Iterator[Metric]:
     """The kernel's counters and gauges (per-queue series only for queues that dropped)."""
+    assert hub.subs is not None
     kernel = hub.subs.kernel
     k = kernel.counters
 
@@ -173,7 +237,8 @@ def make_app(hub: Hub) -> web.Application:
     """The aiohttp application for ``hub``."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(HubCollector(hub))
-    registry.register(hub.consumers)
+    if hub.consumers is not None:
+        registry.register(hub.consumers)
     tokens = Tokens(hub.config.http.token, dict(hub.config.http.tenant_tokens))
 
     @web.middleware
@@ -209,8 +274,35 @@ def make_app(hub: Hub) -> web.Application:
         return web.json_response(info.as_json(time.time()))
 
     async def alerts(request: web.Request) -> web.Response:
-        active = [alert_json(a) for a in hub.consumers.active_alerts()]
+        consumers = hub.consumers
+        active = [alert_json(a) for a in consumers.active_alerts()] if consumers else []
         return web.json_response({"alerts": active})
+
+    async def shared_presence(request: web.Request) -> web.Response:
+        if hub.jspresence is None:
+            return _error(404, "shared presence needs log.backend: jetstream")
+        try:
+            current = await hub.jspresence.current()
+        except SquallError as exc:
+            return _error(503, f"shared presence unavailable: {exc}")
+        rows = [
+            {
+                "tenant": p.tenant,
+                "device": p.device,
+                "presence": p.state.value,
+                "hub": p.hub,
+                "at": p.at,
+            }
+            for p in sorted(current.values(), key=lambda p: (p.tenant, p.device))
+        ]
+        return web.json_response({"devices": rows})
+
+    async def no_subscriptions(request: web.Request) -> web.Response:
+        return _error(
+            501,
+            "live subscriptions are off with log.backend: jetstream; read the shared log "
+            "with `squall consume` or a JetStream consumer",
+        )
 
     async def reload(request: web.Request) -> web.Response:
         n = hub.reload_deny_list()
@@ -225,7 +317,13 @@ def make_app(hub: Hub) -> web.Application:
     app.router.add_get("/v1/devices/{tenant}/{device}", device)
     app.router.add_get("/v1/alerts", alerts)
     app.router.add_post("/v1/revocations/reload", reload)
-    add_routes(app, hub.subs)
+    app.router.add_get("/v1/presence/shared", shared_presence)
+    if hub.subs is not None:
+        add_routes(app, hub.subs)
+    else:
+        app.router.add_route("*", "/v1/subscribe", no_subscriptions)
+        app.router.add_route("*", "/v1/subscriptions", no_subscriptions)
+        app.router.add_route("*", "/v1/subscriptions/{tail:.*}", no_subscriptions)
     return app
 
 

@@ -42,7 +42,7 @@ import contextlib
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -53,8 +53,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
-from hub.log import LogEntry, LogError, PendingBatch
-from transport.batchcodec import decode_batch, encode_batch
+from hub.log import LOCAL_INCARNATION, LOCAL_LANE, LogEntry, LogError, PendingBatch
+from transport.batchcodec import Body, Record, Scalar, decode_batch, encode_batch
 from transport.errors import ProtocolError
 from transport.limits import MAX_BATCH_RECORDS
 from transport.wire import LANES
@@ -66,6 +66,7 @@ ENVELOPE = struct.Struct("!BBBxIQQQq")  # version, codec, lane, count, inc, firs
 ENVELOPE_VERSION = 1
 MSG_ID_HEADER = "Nats-Msg-Id"
 _WRONG_LAST_SUBJECT_SEQ = 10071  # JetStream's error code: another writer got there first
+LOCAL_ATTEMPTS = 5  # a hub-published record retried this often when other writers get first
 
 assert MAX_BATCH_RECORDS < OFFSET_STRIDE
 
@@ -243,24 +244,34 @@ async def connect(settings: JetStreamSettings, name: str = "") -> NATS:
     """A NATS connection that reconnects forever and never buffers publishes while away.
 
     With no reconnect buffer a write during an outage fails at once (the hub does not
-    ACK) instead of reaching the stream later behind the hub's back.
+    ACK) instead of reaching the stream later behind the hub's back.  The first
+    connection is bounded: nats-py would otherwise retry it forever, and a hub or a
+    consumer that cannot reach NATS at start should say so and exit.
     """
+    nc = NATS()
+    first = max(1.0, settings.connect_timeout_s) * 2 * len(settings.servers) + 1.0
     try:
-        return await nats.connect(
-            servers=settings.servers,
-            name=name or settings.client_name,
-            connect_timeout=max(1, int(settings.connect_timeout_s)),
-            reconnect_time_wait=settings.reconnect_wait_s,
-            max_reconnect_attempts=-1,
-            allow_reconnect=True,
-            pending_size=0,
-            error_cb=_quiet,
-            disconnected_cb=_quiet0,
-            reconnected_cb=_quiet0,
-            closed_cb=_quiet0,
+        await asyncio.wait_for(
+            nc.connect(
+                servers=settings.servers,
+                name=name or settings.client_name,
+                connect_timeout=max(1, int(settings.connect_timeout_s)),
+                reconnect_time_wait=settings.reconnect_wait_s,  # type: ignore[arg-type]  # a float works
+                max_reconnect_attempts=-1,
+                allow_reconnect=True,
+                pending_size=0,
+                error_cb=_quiet,
+                disconnected_cb=_quiet0,
+                reconnected_cb=_quiet0,
+                closed_cb=_quiet0,
+            ),
+            first,
         )
     except NATS_FAILURES as exc:
+        with contextlib.suppress(*NATS_FAILURES):
+            await nc.close()
         raise JetStreamLogError(f"cannot reach NATS at {settings.servers}: {exc!r}") from exc
+    return nc
 
 
 async def _quiet(exc: Exception) -> None:
@@ -482,6 +493,30 @@ class JetStreamLog:
         )
         return {lane: m.last_seq for lane, m in zip(lanes, marks, strict=True) if m.last_seq}
 
+    async def append_local(
+        self,
+        tenant: str,
+        device: str,
+        subject: str,
+        body: Body,
+        attrs: Mapping[str, Scalar],
+        now: float,
+        condition: WriteCondition | None = None,
+    ) -> int | None:
+        """Store one hub-published record (see ``publish_local``); None if ``condition`` refused."""
+        try:
+            return await publish_local(
+                self._context(), self.settings, tenant, device, subject, body, attrs, now, condition
+            )
+        except JetStreamLogError:
+            self.stats.commit_failures += 1
+            raise
+
+    @property
+    def connection(self) -> NATS | None:
+        """The NATS connection (to share with ``JetStreamPresence``), None while closed."""
+        return self._nc
+
     async def close(self) -> None:
         """Close the connection (pending publishes are abandoned: they were never ACKed)."""
         nc, self._nc, self._js = self._nc, None, None
@@ -490,15 +525,97 @@ class JetStreamLog:
                 await nc.close()
 
 
-async def ensure_stream(js: JetStreamContext, settings: JetStreamSettings) -> api.StreamInfo:
-    """Create the stream, or bring an existing one's limits to the settings."""
+# -- hub-published records (presence, alerts) ------------------------------------------------
+
+# Decides, from the last record on the subject (None: none yet), whether to write.
+WriteCondition = Callable[[LogEntry | None], bool]
+
+
+async def last_local(
+    js: JetStreamContext, settings: JetStreamSettings, tenant: str, device: str
+) -> tuple[int, LogEntry | None]:
+    """(stream sequence, last record) of a device's hub-published records ((0, None): none)."""
+    key = (tenant, device, LOCAL_INCARNATION, LOCAL_LANE)
+    subject = batch_subject(settings.subject_prefix, key)
+    try:
+        raw = await js._jsm.get_last_msg(settings.stream, subject)
+    except nats.js.errors.NotFoundError:
+        return 0, None
+    except (*NATS_FAILURES, nats.js.errors.Error) as exc:
+        raise JetStreamLogError(f"cannot read the last record of {subject}: {exc!r}") from exc
+    sseq = raw.seq or 0
+    entries = decode_entries(subject, sseq, raw.data or b"")
+    return sseq, entries[-1] if entries else None
+
+
+async def publish_local(
+    js: JetStreamContext,
+    settings: JetStreamSettings,
+    tenant: str,
+    device: str,
+    subject: str,
+    body: Body,
+    attrs: Mapping[str, Scalar],
+    now: float,
+    condition: WriteCondition | None = None,
+) -> int | None:
+    """Store one hub-published record (incarnation 0, telemetry lane, next local seq).
+
+    The same contract as ``hub.log.Log.append_local``, for many writers: the record is
+    published with the stream sequence of the subject's last message as the expected
+    one, so two hubs never store the same seq and ``condition`` -- evaluated against
+    that last record -- is a compare-and-set.  Returns the record's offset, or None when
+    ``condition`` said no.
+    """
+    if not subject.startswith(f"{tenant}.{device}."):
+        raise JetStreamLogError(f"subject {subject!r} is not under {tenant}.{device}")
+    key = (tenant, device, LOCAL_INCARNATION, LOCAL_LANE)
+    stream_subject = batch_subject(settings.subject_prefix, key)
+    now_us = int(now * 1e6)
+    for _ in range(LOCAL_ATTEMPTS):
+        after, last = await last_local(js, settings, tenant, device)
+        if condition is not None and not condition(last):
+            return None
+        seq = (last.seq if last is not None else 0) + 1
+        record = Record(seq, now_us, subject, dict(attrs), body)
+        codec, payload = encode_batch([record], compress=False)  # zstd only adds bytes here
+        item = PendingBatch(
+            tenant, device, LOCAL_INCARNATION, LOCAL_LANE, [record], codec, payload, now_us
+        )
+        headers = {
+            MSG_ID_HEADER: msg_id(key, seq, seq),
+            api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(after),
+        }
+        try:
+            ack = await js.publish(
+                stream_subject,
+                encode_message(item),
+                timeout=settings.publish_timeout_s,
+                headers=headers,
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == _WRONG_LAST_SUBJECT_SEQ:
+                continue  # another writer got there first: look again
+            raise JetStreamLogError(f"cannot store a record on {subject}: {exc!r}") from exc
+        except NATS_FAILURES as exc:
+            raise JetStreamLogError(f"cannot store a record on {subject}: {exc!r}") from exc
+        return int(ack.seq) * OFFSET_STRIDE
+    raise JetStreamLogError(f"{subject}: other writers kept getting there first")
+
+
+async def ensure_stream(
+    js: JetStreamContext, settings: JetStreamSettings, *, update: bool = True
+) -> api.StreamInfo:
+    """Create the stream, or bring an existing one's limits to the settings (``update``)."""
     config = settings.stream_config()
     try:
-        await js.stream_info(settings.stream)
+        info = await js.stream_info(settings.stream)
     except nats.js.errors.NotFoundError:
         return await _guard("cannot create the stream", js.add_stream(config))
     except (*NATS_FAILURES, nats.js.errors.Error) as exc:
         raise JetStreamLogError(f"cannot read stream {settings.stream}: {exc!r}") from exc
+    if not update:
+        return info
     try:
         return await js.update_stream(config)
     except (*NATS_FAILURES, nats.js.errors.Error) as exc:
@@ -566,6 +683,18 @@ class JetStreamConsumer:
         self._committed = 0  # record offset: everything up to it is done
         self._next_dseq = 1  # the consumer sequence the next delivery must carry
         self._next_sseq = 1  # the stream sequence to restart from after a reset
+        self._delivered_end = 0  # highest record offset delivered to this process
+        self._more = True  # the stream may hold batches not yet delivered (unknown at start)
+
+    @property
+    def delivered_end(self) -> int:
+        """The highest record offset fetched so far (or committed, if higher)."""
+        return max(self._delivered_end, self._committed)
+
+    @property
+    def may_have_more(self) -> bool:
+        """False once a fetch found nothing left to deliver (until the stream grows)."""
+        return self._more
 
     @property
     def committed(self) -> int:
@@ -573,9 +702,14 @@ class JetStreamConsumer:
         return self._committed
 
     async def open(self, nc: NATS | None = None) -> None:
-        """Bind to the durable consumer (created at the start of the stream if new)."""
+        """Bind to the durable consumer (created at the start of the stream if new).
+
+        A missing stream is created (consumers may start before any hub); an existing
+        one is left as the hubs set it up.
+        """
         self._nc = nc or await connect(self.settings, f"squall-consumer-{self.name}")
         self._js = self._nc.jetstream(timeout=self.settings.publish_timeout_s)
+        await ensure_stream(self._js, self.settings, update=False)
         jsm = self._js._jsm
         try:
             info = await jsm.consumer_info(self.settings.stream, self.name)
@@ -630,6 +764,8 @@ class JetStreamConsumer:
         js = self._ready()
         self.stats.resets += 1
         self._held.clear()
+        self._delivered_end = 0
+        self._more = True
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await _guard(
                 "cannot reset consumer", js._jsm.delete_consumer(self.settings.stream, self.name)
@@ -673,6 +809,7 @@ class JetStreamConsumer:
         try:
             msgs = await self._sub.fetch(min(room, self.fetch_batches), timeout=wait_s)
         except (nats.errors.TimeoutError, TimeoutError):
+            self._more = False  # nothing arrived while we waited: caught up
             return
         except (*NATS_FAILURES, nats.js.errors.Error) as exc:
             raise JetStreamLogError(f"consumer {self.name}: fetch failed: {exc!r}") from exc
@@ -680,6 +817,8 @@ class JetStreamConsumer:
             if not await self._take(msg):
                 await self._reset()
                 return
+        if msgs:
+            self._more = msgs[-1].metadata.num_pending > 0
 
     async def _take(self, msg: Msg) -> bool:
         """Hold one delivery; False when a delivery went astray (the caller resets)."""
@@ -699,6 +838,7 @@ class JetStreamConsumer:
                     held.msg = msg  # a redelivery of a held batch: ack the latest delivery
             return True
         self._held.append(_Held(sseq, msg, decode_entries(msg.subject, sseq, msg.data)))
+        self._delivered_end = max(self._delivered_end, _last_entry(self._held[-1]))
         self.stats.fetched += 1
         self.stats.records += len(self._held[-1].entries)
         return True
@@ -747,6 +887,8 @@ class JetStreamLogView:
     in their own process, as ``squall consume`` does).
     """
 
+    contiguous = False  # offsets skip (stream_seq * OFFSET_STRIDE): no gap means no loss here
+
     def __init__(self, settings: JetStreamSettings, consumer: str, **options: Any) -> None:
         self.settings = settings
         self.name = consumer
@@ -756,11 +898,37 @@ class JetStreamLogView:
         )
         self._thread.start()
         self.consumer = JetStreamConsumer(settings, consumer, **options)
+        self._stream_end = 0
         try:
             self._call(self.consumer.open())
+            self._stream_end = self._call(self._end_of_stream())
         except BaseException:
             self.close()
             raise
+
+    async def _end_of_stream(self) -> int:
+        js = self.consumer._ready()
+        info = await _guard("stream info", js.stream_info(self.settings.stream))
+        return (info.state.last_seq + 1) * OFFSET_STRIDE
+
+    @property
+    def path(self) -> str:
+        """A name for files kept next to this consumer (``<stream>.<consumer>``)."""
+        return f"{self.settings.stream}.{self.name}"
+
+    @property
+    def next_offset(self) -> int:
+        """Beyond the last record this consumer can read now (no I/O).
+
+        Offsets are not contiguous, so this is not "last offset + 1" of the stream: once
+        a fetch found nothing left, it is just past the last record delivered (a reader
+        whose position reached ``next_offset - 1`` is caught up); until then it lies
+        beyond everything the stream held at open, so any offset read so far is below it.
+        """
+        done = self.consumer.delivered_end + 1
+        if self.consumer.may_have_more:
+            return max(done + 1, self._stream_end)
+        return done
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -788,6 +956,23 @@ class JetStreamLogView:
         """Ack the batches up to ``offset``."""
         self._check(name)
         self._call(self.consumer.commit(offset))
+
+    def append_local(
+        self,
+        tenant: str,
+        device: str,
+        subject: str,
+        body: Body,
+        attrs: Mapping[str, Scalar],
+        now: float,
+    ) -> int:
+        """Store one record published by a consumer (an alert), as ``Log.append_local`` does."""
+        js = self.consumer._ready()
+        offset = self._call(
+            publish_local(js, self.settings, tenant, device, subject, body, attrs, now)
+        )
+        assert offset is not None  # no condition: always written
+        return offset
 
     def close(self) -> None:
         """Close the connection and stop the loop thread."""
@@ -819,4 +1004,5 @@ __all__ = [
     "encode_message",
     "ensure_stream",
     "msg_id",
+    "publish_local",
 ]

@@ -6,11 +6,19 @@ it and writes every ``PresenceChange`` to the bucket under ``<tenant>.<device>``
 bucket and so sees devices on every hub.
 
 A device that moves from hub A to hub B is online at B before A notices that its
-old session ended.  So the last writer must not simply win: *online* and *stale*
-from any hub are written as they come (the device's newest session speaks), while
-*offline* is written only if the entry still names the hub that reports it -- a
+old session ended.  So the last writer must not simply win: *online* from any hub is
+written as it comes (the device's newest session speaks), while *stale* and
+*offline* are written only if the entry still names the hub that reports them -- a
 compare-and-set on the entry's revision, retried once if another hub wrote in
-between.  An A's late "offline" for a device now on B is dropped (counted).
+between.  An A's late "stale" or "offline" for a device now on B is dropped (counted).
+
+The same changes also go into the shared log as ``<tenant>.<device>.presence``
+records (``publish(changes, log)``), under the same rule, checked against the
+device's last presence record in the stream (``hub.jslog.publish_local``'s
+compare-and-set).  That is where alert consumers (``squall consume``) read presence:
+in the log, in time order with the data, exactly as the embedded alert consumer
+reads the SQLite log's presence records.  The bucket is the current view for people
+and tools (``GET /v1/presence/shared`` on any hub).
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 from nats.js.kv import KeyValue
 
-from hub.jslog import NATS_FAILURES, JetStreamLogError, JetStreamSettings, connect
+from hub.jslog import NATS_FAILURES, JetStreamLog, JetStreamLogError, JetStreamSettings, connect
+from hub.log import LogEntry
 from hub.presence import PresenceChange, State
 
 DEFAULT_BUCKET = "squall_presence"
@@ -77,7 +86,21 @@ def decode_presence(key: str, value: bytes) -> SharedPresence:
 
 def may_write(change: PresenceChange, owner: str | None, hub: str) -> bool:
     """Whether ``hub`` may write ``change`` over an entry last written by ``owner``."""
-    return change.new is not State.OFFLINE or owner in (None, hub)
+    return change.new is State.ONLINE or owner in (None, hub)
+
+
+def presence_record(change: PresenceChange, hub: str) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """(subject, body, attrs) of the log record of one change (attrs name the hub)."""
+    body = {"state": change.new.value, "previous": change.old.value, "heartbeat": change.heartbeat}
+    return f"{change.tenant}.{change.device}.presence", body, {"hub": hub}
+
+
+def record_owner(last: LogEntry | None) -> str | None:
+    """The hub that wrote a presence record (None: no record)."""
+    if last is None:
+        return None
+    hub = last.attrs.get("hub")
+    return str(hub) if hub is not None else ""
 
 
 @dataclass(slots=True)
@@ -85,8 +108,9 @@ class SharedPresenceStats:
     """Counters (for metrics)."""
 
     written: int = 0
-    superseded: int = 0  # offline reports dropped: the device is on another hub now
+    superseded: int = 0  # stale/offline reports dropped: the device is on another hub now
     errors: int = 0
+    logged: int = 0  # presence records stored in the shared log
 
 
 class JetStreamPresence:
@@ -124,20 +148,38 @@ class JetStreamPresence:
             raise JetStreamLogError("shared presence is not open")
         return self._kv
 
-    async def publish(self, changes: Iterable[PresenceChange]) -> None:
-        """Write each change (offline only over this hub's own entry)."""
+    async def publish(
+        self, changes: Iterable[PresenceChange], log: JetStreamLog | None = None
+    ) -> None:
+        """Write each change (stale and offline only over this hub's own entry).
+
+        With ``log``, each change also becomes a presence record in the shared log
+        (first, under the same rule); JetStreamLogError leaves the rest unwritten.
+        """
         kv = self._bucket()
         for ch in changes:
             try:
+                if log is not None:
+                    await self._log_change(log, ch)
                 await self._write(kv, ch)
-            except (*NATS_FAILURES, nats.js.errors.Error) as exc:
+            except (*NATS_FAILURES, nats.js.errors.Error, JetStreamLogError) as exc:
                 self.stats.errors += 1
                 raise JetStreamLogError(f"presence of {ch.tenant}/{ch.device}: {exc!r}") from exc
+
+    async def _log_change(self, log: JetStreamLog, ch: PresenceChange) -> None:
+        subject, body, attrs = presence_record(ch, self.hub)
+
+        def allowed(last: LogEntry | None) -> bool:
+            return may_write(ch, record_owner(last), self.hub)
+
+        stored = await log.append_local(ch.tenant, ch.device, subject, body, attrs, ch.at, allowed)
+        if stored is not None:
+            self.stats.logged += 1
 
     async def _write(self, kv: KeyValue, ch: PresenceChange) -> None:
         key = presence_key(ch.tenant, ch.device)
         value = encode_presence(ch, self.hub)
-        if ch.new is not State.OFFLINE:
+        if ch.new is State.ONLINE:
             await kv.put(key, value)
             self.stats.written += 1
             return
@@ -151,7 +193,7 @@ class JetStreamPresence:
         self.stats.superseded += 1
 
     async def _offline_over(self, kv: KeyValue, key: str, ch: PresenceChange, value: bytes) -> bool:
-        """Compare-and-set an offline report; False when another hub owns the entry."""
+        """Compare-and-set a stale/offline report; False when another hub owns the entry."""
         try:
             entry = await kv.get(key)
         except nats.js.errors.KeyNotFoundError:

@@ -4,6 +4,17 @@ The decisions live in sans-I/O cores (``transport.quic.HubEndpoint``, ``HubSessi
 ``hub.ingest.GroupCommit``, ``hub.presence.Presence``, ``hub.kernel.Kernel``); this
 module pumps them. Whatever reaches the log (a group commit, a presence record) is
 then handed to the subscriptions (``hub.websub.SubscriptionService``).
+
+Two log backends (``log.backend``):
+
+- ``sqlite``: the hub's own log; a group commit is one synchronous transaction, and
+  the in-hub consumers and live subscriptions read the log back.
+- ``jetstream``: many hubs share one JetStream stream (``hub.jslog``).  One group
+  commit is in flight at a time (per-device order in the stream) while the next group
+  fills; sessions are ACKed only after JetStream acknowledged every publish, and a
+  failed commit ACKs nothing (the sessions roll back and close, the edges resend).
+  Presence goes to the shared bucket and the stream (``hub.jspresence``).  This hub
+  runs no durable consumers and no live subscriptions: ``squall consume`` does.
 """
 
 from __future__ import annotations
@@ -13,13 +24,15 @@ import contextlib
 import logging
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
 from hub.config import HubConfig
 from hub.consumers import Consumers
 from hub.ingest import Accepted, GroupCommit, LatencyHistogram
+from hub.jslog import JetStreamLog
+from hub.jspresence import JetStreamPresence
 from hub.log import Log, LogError, PendingBatch
 from hub.presence import Presence, PresenceChange
 from hub.websub import SubscriptionService
@@ -27,7 +40,7 @@ from transport import certs
 from transport.aio import UdpDriver, open_driver
 from transport.auth import TicketStore
 from transport.certs import DeviceIdentity
-from transport.errors import AuthError, ErrorCode
+from transport.errors import AuthError, ConfigError, ErrorCode
 from transport.events import (
     BatchAccepted,
     DuplicatesSkipped,
@@ -70,14 +83,23 @@ class Hub:
             certs.load_key(c.tls.key),
             certs.load_certs(c.tls.device_ca),
         )
-        self.log = Log(
-            c.log.path,
-            synchronous=c.log.synchronous,
-            retention_max_age_s=c.log.retention_max_age_s,
-            retention_max_bytes=c.log.retention_max_bytes,
-            retention_hard_max_bytes=c.log.retention_hard_max_bytes or None,
-        )
-        self.ledgers: dict[tuple[str, str], dict[int, DeviceLedger]] = self.log.load_ledgers()
+        self.jslog: JetStreamLog | None = None
+        self.jspresence: JetStreamPresence | None = None
+        self._log: Log | None = None
+        self.ledgers: dict[tuple[str, str], dict[int, DeviceLedger]] = {}
+        if c.log.backend == "jetstream":
+            # the stream is the truth: ledgers start empty and sessions take the edges'
+            # acked marks (trust_edge_acks); the stream's range check refuses repeats
+            self.jslog = JetStreamLog(c.jetstream)
+        else:
+            self._log = Log(
+                c.log.path,
+                synchronous=c.log.synchronous,
+                retention_max_age_s=c.log.retention_max_age_s,
+                retention_max_bytes=c.log.retention_max_bytes,
+                retention_hard_max_bytes=c.log.retention_hard_max_bytes or None,
+            )
+            self.ledgers = self._log.load_ledgers()
         self.presence = Presence(
             c.presence.stale_after_s, c.presence.offline_after_s, c.presence.max_devices
         )
@@ -104,13 +126,28 @@ class Hub:
         self.counters: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.commit_latency = LatencyHistogram()
-        self.subs = SubscriptionService(self.log, c.kernel, c.subscriptions)
-        self.consumers = Consumers(self.log, c.archives, c.syslog_forwarders, c.alerts)
+        self.subs: SubscriptionService | None = None
+        self.consumers: Consumers | None = None
+        if self._log is not None:
+            self.subs = SubscriptionService(self._log, c.kernel, c.subscriptions)
+            self.consumers = Consumers(self._log, c.archives, c.syslog_forwarders, c.alerts)
         self.driver: UdpDriver | None = None
         self._commit_timer: asyncio.TimerHandle | None = None
+        self._commit_task: asyncio.Task[None] | None = None  # jetstream: the group in flight
+        # jetstream: presence changes not yet in the shared bucket and stream (oldest first)
+        self._presence_backlog: deque[PresenceChange] = deque()
+        self._presence_task: asyncio.Task[None] | None = None
+        self.hub_name = c.name
         self._tasks: list[asyncio.Task[None]] = []
         self.ready = False
         self.reload_deny_list()
+
+    @property
+    def log(self) -> Log:
+        """The hub's own SQLite log (LogError with log.backend jetstream: there is none)."""
+        if self._log is None:
+            raise LogError("log.backend is jetstream: this hub has no local log")
+        return self._log
 
     # -- sessions ------------------------------------------------------------------
 
@@ -131,6 +168,7 @@ class Hub:
             records_per_s=lim.records_per_s,
             bytes_per_s=lim.bytes_per_s,
             burst_s=lim.burst_s,
+            trust_edge_acks=self.jslog is not None,
         )
         return HubSession(ident.tenant, ident.device, ledger_for, now, cfg)
 
@@ -192,6 +230,8 @@ class Hub:
             self.endpoint.close_connection(old, ErrorCode.GOING_AWAY, "replaced by a newer session")
         self.live[key] = conn
         self.counters["handshakes_resumed" if conn.resumed else "handshakes_fresh"] += 1
+        if self.jslog is not None:  # it may come from another hub: re-read its marks
+            self.jslog.forget_device(ident.tenant, ident.device)
         addr = conn.peer_addr
         self.presence.connected(ident.tenant, ident.device, f"{addr[0]}:{addr[1]}", wall)
 
@@ -245,6 +285,12 @@ class Hub:
         if self._commit_timer is not None:
             self._commit_timer.cancel()
             self._commit_timer = None
+        if self.jslog is not None:
+            if self._commit_task is None:  # one group in flight: per-device order in the stream
+                items = self.group.take()
+                loop = asyncio.get_running_loop()
+                self._commit_task = loop.create_task(self._commit_js(self.jslog, items))
+            return  # else the group keeps filling; _commit_js commits it when done
         items = self.group.take()
         pending = [
             PendingBatch.from_accepted(it.tenant, it.device, it.batch, int(it.received_at * 1e6))
@@ -254,18 +300,73 @@ class Hub:
         try:
             self.log.append_group(pending, time.time())
         except LogError as exc:
-            log.error("commit failed: %s", exc)
-            self.errors["COMMIT_FAILED"] += 1
-            for conn in GroupCommit.failed(items):
-                if conn.session is not None:
-                    conn.session.on_commit_failed(str(exc))
-                    self.endpoint.touch(conn, self._now())
-            self._flush()
+            self._commit_failed(items, exc)
             return
-        elapsed = time.perf_counter() - t0
+        self._commit_done(items, sum(p.count for p in pending), time.perf_counter() - t0)
+
+    async def _commit_js(self, jslog: JetStreamLog, items: list[Accepted[HubConnection]]) -> None:
+        """Publish one group; ACK only once JetStream acknowledged all of it."""
+        pending = [
+            PendingBatch.from_accepted(it.tenant, it.device, it.batch, int(it.received_at * 1e6))
+            for it in items
+        ]
+        t0 = time.perf_counter()
+        try:
+            stored = await jslog.append_group(pending, time.time())
+        except Exception as exc:  # JetStreamLogError, or a bug: either way nothing is ACKed
+            if not isinstance(exc, LogError):
+                log.exception("commit to JetStream failed unexpectedly")
+            self._commit_task = None
+            self._commit_failed(items, exc)
+        else:
+            self._commit_task = None
+            self._commit_done(items, sum(n for _, n in stored), time.perf_counter() - t0)
+        if self.group.due(self._now()):
+            self._commit()
+        elif len(self.group) and self._commit_timer is None:
+            at = self.group.deadline()
+            assert at is not None
+            self._commit_timer = asyncio.get_running_loop().call_at(at, self._commit_now)
+
+    def _commit_failed(self, items: list[Accepted[HubConnection]], exc: Exception) -> None:
+        """No ACK: the sessions roll back what they accepted and close; the edges resend."""
+        log.error("commit failed: %s", exc)
+        self.errors["COMMIT_FAILED"] += 1
+        failed = GroupCommit.failed(items)
+        if self.jslog is not None:
+            failed |= self._drop_followers(items)
+        now = self._now()
+        for conn in failed:
+            if conn.session is not None:
+                conn.session.on_commit_failed(str(exc))
+                self.endpoint.touch(conn, now)
+        self._flush()
+
+    def _drop_followers(self, failed: list[Accepted[HubConnection]]) -> set[HubConnection]:
+        """Take out of the open group what was accepted behind a failed batch.
+
+        Stored after the gap the failure leaves, those records would move the stream's
+        mark past records the edge must still send (and the range check would then
+        refuse them): they go back to the edge with the failed ones.
+        """
+        keys = {(it.tenant, it.device, it.batch.incarnation, it.batch.lane) for it in failed}
+        keep: list[Accepted[HubConnection]] = []
+        drop: list[Accepted[HubConnection]] = []
+        for it in self.group.take():
+            key = (it.tenant, it.device, it.batch.incarnation, it.batch.lane)
+            (drop if key in keys else keep).append(it)
+        now = self._now()
+        for it in keep:
+            self.group.add(it, now)
+        return GroupCommit.failed(drop)
+
+    def _commit_done(
+        self, items: list[Accepted[HubConnection]], stored: int, elapsed: float
+    ) -> None:
+        """The group is durable: ledgers advance, sessions ACK."""
         self.commit_latency.observe(elapsed)
         self.counters["commits"] += 1
-        self.counters["records_committed"] += sum(p.count for p in pending)
+        self.counters["records_committed"] += stored
         now = self._now()
         for conn in GroupCommit.committed(items):
             if conn.session is not None:
@@ -275,9 +376,11 @@ class Hub:
         self._after_log_grew()
 
     def _after_log_grew(self) -> None:
-        """Hand what the log just committed to its readers."""
-        self.subs.on_log_advanced()
-        self.consumers.on_log_advanced()
+        """Hand what the log just committed to its readers (none with jetstream)."""
+        if self.subs is not None:
+            self.subs.on_log_advanced()
+        if self.consumers is not None:
+            self.consumers.on_log_advanced()
 
     def _flush(self) -> None:
         if self.driver is not None:
@@ -287,7 +390,15 @@ class Hub:
         return asyncio.get_running_loop().time()
 
     def publish_presence(self, changes: list[PresenceChange]) -> None:
-        """Each presence change becomes a record on <tenant>.<device>.presence."""
+        """Each presence change becomes a record on <tenant>.<device>.presence.
+
+        With jetstream the changes queue up (bounded by ``presence.max_devices``; the
+        oldest go first, counted) for one task that writes them to the shared bucket
+        and stream in order; what fails is tried again at the next tick.
+        """
+        if self.jslog is not None:
+            self._queue_presence(changes)
+            return
         for ch in changes:
             body = {"state": ch.new.value, "previous": ch.old.value, "heartbeat": ch.heartbeat}
             subject = f"{ch.tenant}.{ch.device}.presence"
@@ -299,19 +410,70 @@ class Hub:
         if changes:
             self._after_log_grew()
 
+    def _queue_presence(self, changes: list[PresenceChange]) -> None:
+        bound = self.config.presence.max_devices
+        for ch in changes:
+            if len(self._presence_backlog) >= bound:
+                self._presence_backlog.popleft()
+                self.counters["presence_dropped"] += 1
+            self._presence_backlog.append(ch)
+        if self._presence_backlog and self._presence_task is None and self.jspresence is not None:
+            loop = asyncio.get_running_loop()
+            self._presence_task = loop.create_task(self._write_presence(self.jspresence))
+
+    async def _write_presence(self, shared: JetStreamPresence) -> None:
+        """Write the backlog in order; stop at the first failure (the next tick retries)."""
+        try:
+            while self._presence_backlog:
+                ch = self._presence_backlog[0]
+                await shared.publish([ch], self.jslog)
+                self._presence_backlog.popleft()
+        except LogError as exc:
+            if not self.errors["PRESENCE_FAILED"]:
+                log.error("cannot share presence changes (retried each second): %s", exc)
+            self.errors["PRESENCE_FAILED"] += 1
+        finally:
+            self._presence_task = None
+
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bind the UDP port and start the periodic work."""
-        self.subs.start(self._now())
-        self.consumers.start()
+        """Open the log, bind the UDP port and start the periodic work.
+
+        With jetstream: JetStreamLogError if NATS cannot be reached, ConfigError if
+        ``limits.max_frame_bytes`` is more than NATS takes in one message.
+        """
+        if self.jslog is not None:
+            await self._open_jetstream(self.jslog)
+        if self.subs is not None:
+            self.subs.start(self._now())
+        if self.consumers is not None:
+            self.consumers.start()
         host, port = _parse_addr(self.config.listen)
         self.driver = await open_driver(self.endpoint, (host, port), self._after)
         _grow_recv_buffer(self.driver, self.config.server.udp_receive_buffer_bytes)
+        self.hub_name = self.config.name or f"{socket.gethostname()}:{self.port}"
+        if self.jslog is not None:
+            self.jspresence = JetStreamPresence(self.config.jetstream, self.hub_name)
+            await self.jspresence.open(self.jslog.connection)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._every(1.0, self._tick)))
-        self._tasks.append(loop.create_task(self._every(60.0, self._retention)))
+        if self._log is not None:
+            self._tasks.append(loop.create_task(self._every(60.0, self._retention)))
         self.ready = True
+
+    async def _open_jetstream(self, jslog: JetStreamLog) -> None:
+        await jslog.open()
+        room = jslog.max_batch_bytes
+        if self.config.limits.max_frame_bytes > room:
+            await jslog.close()
+            raise ConfigError(
+                "hub.yaml",
+                "limits.max_frame_bytes",
+                f"{self.config.limits.max_frame_bytes} is more than NATS takes in one message "
+                f"({room} after Squall's envelope): raise max_payload in nats-server's "
+                f"config (2MB) or lower limits.max_frame_bytes to {room} at most",
+            )
 
     @property
     def port(self) -> int:
@@ -334,6 +496,7 @@ class Hub:
 
     def _retention(self) -> None:
         # never drop what a durable consumer has not read yet (unless the hard size limit says so)
+        # (jetstream: the stream's own max_age_s / max_bytes apply; this is not scheduled)
         offsets = self.log.consumer_offsets()
         protect = min(offsets.values()) + 1 if offsets else None
         self.log.apply_retention(time.time(), protect_from=protect)
@@ -342,8 +505,7 @@ class Hub:
         """Stop accepting, finish commits, close sessions with GOING_AWAY, close the log."""
         self.ready = False
         self.endpoint.accepting = False
-        if len(self.group):
-            self._commit()
+        await self._finish_commits()
         for conn in list(self.endpoint.connections.values()):
             self.endpoint.close_connection(conn, ErrorCode.GOING_AWAY, "hub shutting down")
         self._flush()
@@ -352,11 +514,52 @@ class Hub:
         await asyncio.sleep(0.05)
         self._flush()
         self.publish_presence(self.presence.take_changes())
+        await self._finish_presence()
         if self.driver is not None:
             self.driver.close()
-        await self.subs.stop()
-        await self.consumers.stop()
-        self.log.close()
+        if self.subs is not None:
+            await self.subs.stop()
+        if self.consumers is not None:
+            await self.consumers.stop()
+        if self._log is not None:
+            self._log.close()
+        if self.jslog is not None:
+            await self.jslog.close()  # the presence bucket shares its connection
+
+    async def _finish_commits(self) -> None:
+        """Commit what is accepted (jetstream: wait for the group in flight, then the rest)."""
+        for _ in range(2):
+            task = self._commit_task
+            if task is not None:
+                await asyncio.wait([task])
+            if len(self.group):
+                self._commit()
+        if self._commit_task is not None:
+            await asyncio.wait([self._commit_task])
+
+    async def _finish_presence(self) -> None:
+        """Give the last presence changes a bounded time to reach the shared bucket."""
+        if self.jspresence is None:
+            return
+        timeout = 2 * self.config.jetstream.publish_timeout_s
+        end = asyncio.get_running_loop().time() + timeout
+        while self._presence_backlog and asyncio.get_running_loop().time() < end:
+            task = self._presence_task
+            if task is None:
+                self._queue_presence([])
+                task = self._presence_task
+                if task is None:
+                    return
+            await asyncio.wait([task], timeout=max(0.0, end - asyncio.get_running_loop().time()))
+            if self._presence_task is None and self._presence_backlog:
+                await asyncio.sleep(0.1)  # it failed: one more go within the bound
+        if self._presence_backlog:
+            log.warning("%d presence changes not shared at shutdown", len(self._presence_backlog))
+
+    @property
+    def presence_backlog(self) -> int:
+        """Presence changes not yet shared (jetstream)."""
+        return len(self._presence_backlog)
 
     def device_list(self) -> list[dict[str, Any]]:
         """Every known device, for the HTTP API."""

@@ -15,6 +15,12 @@ from typing import Any
 _COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "hub": ("run the hub (QUIC ingest, durable log, HTTP API)", "hub.main:cli_hub", ""),
     "edge": ("run an edge agent (spool, sender, inputs)", "edge.main:cli_edge", ""),
+    "consume": (
+        "run the durable consumers (archives, syslog forwarders, alerts) against the shared "
+        "JetStream log of many hubs",
+        "hub.consume:cli_consume",
+        "",
+    ),
     "link": (
         "run the UDP link-impairment proxy (or, with --bridge, the packet bridge between "
         "two network namespaces)",
@@ -78,7 +84,7 @@ def run_service(
     load: Callable[[str], Any],
     run: Callable[[Any], Coroutine[Any, Any, int]],
 ) -> int:
-    """The common shell of ``squall hub`` and ``squall edge``: parse, load the config (exit
+    """The common shell of ``squall hub``, ``edge`` and ``consume``: parse, load the config (exit
     2 with one line naming file and key on error), run until signalled (exit 1 on failure)."""
     ap = argparse.ArgumentParser(prog=f"squall {name}", description=doc)
     ap.add_argument("--config", required=True, help=f"{name} YAML (see config/{name}.yaml)")

@@ -411,6 +411,11 @@ class HubSessionConfig:
     burst_s: float = 2.0  # bucket depth in seconds of rate
     heartbeat_ms: int = 10_000
     max_early_frames: int = 64  # DATA frames held while waiting for HELLO
+    # The edge's acked marks in HELLO are taken as committed (hubs sharing one log, e.g.
+    # JetStream): a device arriving from another hub has records stored that this hub's
+    # ledger never saw; without this every batch would look like a gap.  A device that
+    # lies only skips its own records.
+    trust_edge_acks: bool = False
 
 
 class HubState(Enum):
@@ -518,6 +523,8 @@ class HubSession(_Core):
         if hello.incarnation == 0:  # reserved for records the hub itself publishes
             raise RemoteProtocolError(ErrorCode.BAD_FIELD, "incarnation 0 is reserved")
         self.ledger = self._ledger_for(hello.incarnation)
+        if self.config.trust_edge_acks:
+            self._adopt_edge_acks(hello.acked)
         self.state = HubState.ESTABLISHED
         held = self.ledger.held()
         self._acked.update(held)
@@ -538,6 +545,15 @@ class HubSession(_Core):
         early, self._early = self._early, []
         for data, wire_bytes in early:
             self._on_data(data, now, wire_bytes)
+
+    def _adopt_edge_acks(self, acked: dict[int, int]) -> None:
+        """Every ACK the edge holds was given after the shared log stored the records."""
+        assert self.ledger is not None
+        for lane, mark in acked.items():
+            led = self.ledger.lanes.get(lane)
+            if led is not None:
+                led.accepted = max(led.accepted, mark)
+                led.committed = max(led.committed, mark)
 
     def _send_welcome(self, now: float) -> None:
         assert self.ledger is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -30,23 +31,29 @@ NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 
 class NatsServer:
-    """One nats-server with JetStream in a temporary directory; stop/start keep port and data."""
+    """One nats-server with JetStream in a temporary directory; stop/start keep port and data.
 
-    def __init__(self, root: Path) -> None:
+    ``max_payload`` (bytes; 0: the server's default of 1 MiB) goes into a config file:
+    hubs with the default 1 MiB ``limits.max_frame_bytes`` need more (the recipe says 2MB).
+    """
+
+    def __init__(self, root: Path, max_payload: int = 0) -> None:
         self.root = root
         self.port = free_port(socket.SOCK_STREAM)
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = f"nats://127.0.0.1:{self.port}"
+        self.max_payload = max_payload
 
     def start(self) -> None:
         store = self.root / "js"
         store.mkdir(exist_ok=True)
         out = (self.root / "nats-server.log").open("ab")
-        self.proc = subprocess.Popen(
-            [NATS_SERVER, "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(self.port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        argv = [NATS_SERVER, "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(self.port)]
+        if self.max_payload:
+            conf = self.root / "nats.conf"
+            conf.write_text(f"max_payload: {self.max_payload}\n")
+            argv += ["-c", str(conf)]
+        self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -434,3 +441,257 @@ def test_a_stored_batch_decodes_to_log_entries_and_trims_by_mark() -> None:
     assert rest is not None and (rest.first_seq, rest.last_seq, rest.count) == (15, 19, 5)
     with pytest.raises(JetStreamLogError):
         decode_entries("squall.log.acme.t9.3.2", 5, b"junk")
+
+
+# -- the hub on the jetstream backend (in-process hub and agent) ---------------------------------
+
+
+def hub_on_jetstream(tmp_path: Path, pki: Path, server: NatsServer, **overrides: object) -> Path:
+    from tests.integration.conftest import write_hub_config
+
+    js = {"servers": [server.url], "stream": "SQUALLTEST", "publish_timeout_s": 2.0}
+    js.update(overrides.pop("jetstream", {}))  # type: ignore[call-overload]
+    return write_hub_config(
+        tmp_path,
+        pki,
+        log={"backend": "jetstream"},
+        jetstream=js,
+        name=overrides.pop("name", "hub-a"),
+        **overrides,
+    )
+
+
+def test_a_hub_on_jetstream_acks_what_the_stream_holds_and_shares_presence(
+    tmp_path: Path, pki: Path
+) -> None:
+    import aiohttp
+
+    from edge.agent import Agent
+    from edge.config import load_edge_config
+    from hub.config import load_hub_config
+    from hub.http import start_http
+    from hub.jspresence import JetStreamPresence
+    from hub.server import Hub
+    from tests.integration.conftest import write_edge_config
+
+    server = NatsServer(tmp_path, max_payload=2 << 20)
+    server.start()
+    cfg = load_hub_config(hub_on_jetstream(tmp_path, pki, server))
+
+    async def main() -> None:
+        hub = Hub(cfg)
+        await hub.start()
+        runner, http_port = await start_http(hub)
+        agent = Agent(load_edge_config(write_edge_config(tmp_path, pki, "t1", [cfg.listen])))
+        agent.start()
+        for i in range(300):
+            agent.publish_nowait("telemetry.gps", {"i": i}, {"unit": "si"})
+        await agent.publish("fault", {"code": "P0A80"}, lane="critical")
+        assert hub.jspresence is not None
+        for _ in range(300):  # presence is shared at the hub's next tick (each second)
+            if agent.stats.acked >= 301 and hub.jspresence.stats.written:
+                break
+            await asyncio.sleep(0.05)
+        assert agent.stats.acked == 301
+        auth = {"Authorization": "Bearer s3cret"}
+        base = f"http://127.0.0.1:{http_port}"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/metrics", headers=auth) as r:
+                metrics = await r.text()
+            async with http.get(f"{base}/v1/presence/shared", headers=auth) as r:
+                shared = (await r.json())["devices"]
+            async with http.get(f"{base}/v1/subscribe", headers=auth) as r:
+                assert r.status == 501 and "squall consume" in (await r.json())["error"]
+        assert "squall_hub_jetstream_published_total" in metrics
+        assert [(d["device"], d["presence"], d["hub"]) for d in shared] == [
+            ("t1", "online", "hub-a")
+        ]
+        await agent.stop()
+        # every hub sees it go: another hub's view of the bucket says where it was
+        other = JetStreamPresence(cfg.jetstream, "hub-b")
+        await other.open()
+        for _ in range(200):
+            seen = (await other.current())[("acme", "t1")]
+            if seen.state.value == "offline":
+                break
+            await asyncio.sleep(0.05)
+        await other.close()
+        assert (seen.state.value, seen.hub) == ("offline", "hub-a")
+        await hub.stop()
+        await runner.cleanup()
+
+        reader = JetStreamConsumer(cfg.jetstream, "check")
+        await reader.open()
+        got = await read_all(reader, 303)
+        await reader.close()
+        data = [e for e in got if not e.subject.endswith(".presence")]
+        assert sorted(e.seq for e in data) == list(range(1, 302))
+        presence = [(e.body, e.attrs) for e in got if e.subject == "acme.t1.presence"]
+        states = [b["state"] for b, _ in presence]  # type: ignore[index]
+        assert states == ["online", "offline"]
+        assert {a["hub"] for _, a in presence} == {"hub-a"}
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        server.stop()
+
+
+def test_a_hub_refuses_frames_nats_cannot_take_and_an_absent_nats(
+    tmp_path: Path, pki: Path
+) -> None:
+    from hub.config import load_hub_config
+    from hub.server import Hub
+    from transport.errors import ConfigError
+
+    server = NatsServer(tmp_path)  # nats-server's default max_payload: 1 MiB
+    server.start()
+
+    async def start(cfg_path: Path) -> None:
+        hub = Hub(load_hub_config(cfg_path))
+        await hub.start()
+        await hub.stop()
+
+    small = {"max_frame_bytes": 1 << 19}
+    try:
+        with pytest.raises(ConfigError, match="max_payload") as exc:
+            asyncio.run(start(hub_on_jetstream(tmp_path, pki, server)))
+        assert exc.value.key == "limits.max_frame_bytes"
+        # frames that fit: the hub starts
+        asyncio.run(start(hub_on_jetstream(tmp_path, pki, server, limits=small)))
+    finally:
+        server.stop()
+    with pytest.raises(JetStreamLogError, match="cannot reach NATS"):
+        asyncio.run(start(hub_on_jetstream(tmp_path, pki, server, limits=small)))
+
+
+# -- squall consume: the consumers as their own process --------------------------------------------
+
+
+def spawn_consume(config: Path, out: Path) -> subprocess.Popen[bytes]:
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "transport.cli", "consume", "--config", str(config)],
+        stdout=out.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def archive_lines(directory: Path) -> list[dict[str, object]]:
+    return [
+        json.loads(line)
+        for path in sorted(directory.glob("*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+
+
+def wait_for(cond: object, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():  # type: ignore[operator]
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def test_squall_consume_archives_once_and_alerts_on_presence_from_every_hub(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    import yaml
+
+    from hub.jspresence import JetStreamPresence
+    from hub.presence import PresenceChange, State
+
+    s = settings_for(nats_server)
+
+    def change(device: str, old: State, new: State, at: float) -> PresenceChange:
+        return PresenceChange("acme", device, old, new, at, {})
+
+    async def write(groups: list[list[PendingBatch]], changes: list[tuple[str, PresenceChange]]):
+        log = JetStreamLog(s)
+        await log.open()
+        for g in groups:
+            await log.append_group(g, 0.0)
+        for hub, ch in changes:  # each hub shares presence through its own connection
+            shared = JetStreamPresence(s, hub)
+            await shared.open()
+            await shared.publish([ch], log)
+            await shared.close()
+        await log.close()
+
+    now = time.time()
+    asyncio.run(
+        write(
+            [[batch("t1", 1, 100), batch("t2", 1, 50)], [batch("t1", 101, 150)]],
+            [
+                ("hub-a", change("t1", State.OFFLINE, State.ONLINE, now - 9)),
+                ("hub-a", change("t2", State.OFFLINE, State.ONLINE, now - 9)),
+                ("hub-b", change("t1", State.OFFLINE, State.ONLINE, now - 8)),  # t1 moved to b
+                ("hub-a", change("t1", State.ONLINE, State.OFFLINE, now - 7)),  # a's late word
+                ("hub-a", change("t2", State.ONLINE, State.OFFLINE, now - 6)),  # t2 really left
+            ],
+        )
+    )
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        yaml.safe_dump({"rules": [{"name": "device_offline", "kind": "absence", "for": 1}]})
+    )
+    config = tmp_path / "consume.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "jetstream": {"servers": [nats_server.url], "stream": "SQUALLTEST"},
+                "archives": [{"name": "archive", "directory": "archive"}],
+                "alerts": {"rules": "rules.yaml", "poll_s": 0.2, "commit_s": 0.2},
+            }
+        )
+    )
+    out = tmp_path / "consume.out"
+    archive = tmp_path / "archive"
+
+    def data() -> list[tuple[object, object]]:
+        return [
+            (x["device"], x["seq"])
+            for x in archive_lines(archive)
+            if str(x["subject"]).endswith(".gps")
+        ]
+
+    def alerts() -> list[dict[str, object]]:
+        return [x for x in archive_lines(archive) if x["device"] == "_alerts"]
+
+    proc = spawn_consume(config, out)
+    try:
+        wait_for(lambda: len(data()) >= 200 and alerts(), 40, "archive and alert")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, out.read_text()
+        assert "stopped cleanly" in out.read_text()
+        # more data while it is down; the next run goes on where this one committed
+        asyncio.run(write([[batch("t1", 151, 200), batch("t2", 51, 60)]], []))
+        proc = spawn_consume(config, out)
+        wait_for(lambda: len(data()) >= 260, 40, "the rest archived")
+        time.sleep(1.0)  # nothing more comes
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    got = data()
+    assert sorted(got) == sorted(
+        [("t1", i) for i in range(1, 201)] + [("t2", i) for i in range(1, 61)]
+    )
+    presence = [
+        (x["device"], x["body"]["state"], x["attrs"]["hub"])  # type: ignore[index]
+        for x in archive_lines(archive)
+        if str(x["subject"]).endswith(".presence")
+    ]
+    # hub-a's late "offline" for t1 (then on hub-b) never reached the log
+    assert presence == [
+        ("t1", "online", "hub-a"),
+        ("t2", "online", "hub-a"),
+        ("t1", "online", "hub-b"),
+        ("t2", "offline", "hub-a"),
+    ]
+    fired = [a for a in alerts() if a["attrs"]["status"] == "firing"]  # type: ignore[index]
+    assert [a["body"]["labels"]["device"] for a in fired] == ["t2"]  # type: ignore[index]

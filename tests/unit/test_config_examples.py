@@ -23,7 +23,8 @@ def test_hub_example_matches_the_code_and_its_defaults() -> None:
     assert cfg.http.tenant_tokens == {} and cfg.subscriptions == []
     assert [a.name for a in cfg.archives] == ["archive"] and cfg.archives[0].rotate_age_s == 86400
     assert cfg.syslog_forwarders == []
-    assert cfg.alerts is not None and cfg.alerts.rules == "alerts.yaml" and cfg.alerts.resend_s == 60
+    assert cfg.alerts is not None and cfg.alerts.rules == "alerts.yaml"
+    assert cfg.alerts.resend_s == 60
 
 
 def test_alert_rules_example_loads() -> None:
@@ -70,3 +71,53 @@ def test_configured_subscriptions_are_checked_at_load(tmp_path: Path) -> None:
     path.write_text(head + "http: {tenant_tokens: {acme: short}}\n")
     with pytest.raises(ConfigError, match="at least 16"):
         build(HubConfig, load_yaml(path), path=str(path))
+
+
+def test_consume_example_matches_the_code_and_its_defaults() -> None:
+    from hub.consume import ConsumeConfig, consumer_names
+
+    cfg = build(ConsumeConfig, load_yaml(CONFIG / "consume.yaml"), path="consume.yaml")
+    assert cfg.jetstream.stream == "SQUALL" and cfg.jetstream.duplicate_window_s == 120
+    assert cfg.ack_wait_s == 60 and cfg.max_ack_pending == 1000 and cfg.metrics_listen == ""
+    assert consumer_names(cfg) == ["archive", "alerts"]
+    assert cfg.alerts is not None and cfg.alerts.log_sink and cfg.alerts.state_path == ""
+
+
+def test_hub_example_documents_the_jetstream_backend() -> None:
+    cfg = build(HubConfig, load_yaml(CONFIG / "hub.yaml"), path="hub.yaml")
+    assert cfg.log.backend == "sqlite" and cfg.name == ""
+    assert cfg.jetstream.servers == ["nats://127.0.0.1:4222"] and cfg.jetstream.replicas == 1
+
+
+def test_jetstream_backend_refuses_in_hub_consumers_naming_squall_consume(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "hub.yaml"
+    head = "tls: {cert: a, key: b, device_ca: c}\nlog: {backend: jetstream}\n"
+    path.write_text(head + "archives: [{name: a, directory: x}]\n")
+    with pytest.raises(ConfigError, match="squall consume") as exc:
+        build(HubConfig, load_yaml(path), path=str(path))
+    assert "archives" in str(exc.value)
+    path.write_text(head + "alerts: {rules: r.yaml}\nsyslog_forwarders: []\n")
+    with pytest.raises(ConfigError, match=r"alerts: with log\.backend jetstream"):
+        build(HubConfig, load_yaml(path), path=str(path))
+    path.write_text(head + "subscriptions:\n- {queue: ops, subject: acme.>}\n")
+    with pytest.raises(ConfigError, match="subscriptions"):
+        build(HubConfig, load_yaml(path), path=str(path))
+    path.write_text(head)  # the jetstream backend alone is fine
+    assert build(HubConfig, load_yaml(path), path=str(path)).log.backend == "jetstream"
+
+
+def test_consume_config_needs_a_consumer_and_unique_names(tmp_path: Path) -> None:
+    from hub.consume import ConsumeConfig
+
+    path = tmp_path / "consume.yaml"
+    path.write_text("jetstream: {stream: S}\n")
+    with pytest.raises(ConfigError, match="nothing to run"):
+        build(ConsumeConfig, load_yaml(path), path=str(path))
+    path.write_text("archives: [{name: a, directory: x}, {name: a, directory: y}]\n")
+    with pytest.raises(ConfigError, match="used twice"):
+        build(ConsumeConfig, load_yaml(path), path=str(path))
+    path.write_text("archives: [{name: a.b, directory: x}]\n")
+    with pytest.raises(ConfigError, match="durable name"):
+        build(ConsumeConfig, load_yaml(path), path=str(path))

@@ -330,3 +330,34 @@ def test_hub_that_lost_acked_data_says_so_in_hello() -> None:
         hub.receive_frame(decode_frame(data), 0.0)
     hellos = [e for e in iter(hub.next_event, None) if isinstance(e, HelloReceived)]
     assert hellos[0].behind == {Lane.TELEMETRY: (40, 25)}
+
+
+def _arrive_from_another_hub(trust: bool) -> tuple[HubSession, list[object], DeviceLedger]:
+    """A device whose edge was told 1..40 are stored (by another hub) sends 41..50 here."""
+    outbox = MemoryOutbox()
+    for i in range(1, 51):
+        outbox.add(Lane.TELEMETRY, Record(i, 0, "acme.t1.x"), 0.0)
+    outbox.acked(Lane.TELEMETRY, 40)
+    edge = EdgeSession(outbox, 9, 0.0, SenderConfig(linger_s=0))
+    ledger = DeviceLedger(9)  # this hub has never seen the device
+    hub = HubSession("acme", "t1", lambda inc: ledger, 0.0, HubSessionConfig(trust_edge_acks=trust))
+    _handshake(edge, hub)
+    return hub, list(iter(hub.next_event, None)), ledger
+
+
+def test_a_hub_sharing_its_log_trusts_the_edges_acks() -> None:
+    hub, events, ledger = _arrive_from_another_hub(trust=True)
+    accepted = [e for e in events if isinstance(e, BatchAccepted)]
+    assert [(b.first_seq, b.last_seq) for b in accepted] == [(41, 50)]
+    (hello,) = [e for e in events if isinstance(e, HelloReceived)]
+    assert hello.behind == {}  # no false "this hub lost acked data" alarm
+    assert hub.out_of_order == 0
+    assert ledger.lanes[Lane.TELEMETRY].committed == 40  # 41..50 wait for their commit
+
+
+def test_without_trust_a_device_from_another_hub_raises_a_false_alarm() -> None:
+    _, events, _ = _arrive_from_another_hub(trust=False)
+    (hello,) = [e for e in events if isinstance(e, HelloReceived)]
+    assert hello.behind == {Lane.TELEMETRY: (40, 0)}
+    accepted = [e for e in events if isinstance(e, BatchAccepted)]
+    assert [(b.first_seq, b.last_seq) for b in accepted] == [(41, 50)]
