@@ -473,6 +473,8 @@ class _Group:
     tenant: str
     starts_at: float
     members: dict[str, float] = dataclasses.field(default_factory=dict)  # device -> since
+    # every device that was a member (what the resolve notice names); bounded like members
+    ever: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(slots=True)
@@ -694,6 +696,7 @@ class AlertEngine:
             rs.held_back.discard((track.tenant, track.device))
             track.move(AlertState.GROUPED)
             group.members[track.device] = track.since
+            group.ever[track.device] = track.since
 
     # -- firing -------------------------------------------------------------------------
 
@@ -736,6 +739,7 @@ class AlertEngine:
         ripened = sorted(t.since for t in ripe)[rs.rule.group_min - 1] + rs.rule.for_s
         group = rs.groups[tenant] = _Group(tenant, ripened)
         group.members = {t.device: t.since for t in ripe}  # for the annotation; _join fills too
+        group.ever.update(group.members)
         self._active += 1
         self._emit_group(rs, group, AlertStatus.FIRING, None)
         return group
@@ -794,7 +798,9 @@ class AlertEngine:
     ) -> Alert:
         labels = {"alertname": rule.name, "tenant": group.tenant, "scope": "group"}
         labels.update(rule.labels)
-        names = [d for d, _ in sorted(group.members.items(), key=lambda kv: (kv[1], kv[0]))]
+        # a resolve names the devices the incident took (none is left by then)
+        who = group.members if status is AlertStatus.FIRING else group.ever
+        names = [d for d, _ in sorted(who.items(), key=lambda kv: (kv[1], kv[0]))]
         shown = ", ".join(names[: rule.group_show])
         if len(names) > rule.group_show:
             shown += f" and {len(names) - rule.group_show} more"
@@ -832,7 +838,7 @@ class AlertEngine:
             rules[rs.rule.name] = {
                 "kind": rs.rule.kind,
                 "tracks": [_track_row(t) for t in rs.tracks.values()],
-                "groups": [[g.tenant, g.starts_at, g.members] for g in rs.groups.values()],
+                "groups": [[g.tenant, g.starts_at, g.members, g.ever] for g in rs.groups.values()],
             }
         now = self.now if math.isfinite(self.now) else None
         return {"version": SNAPSHOT_VERSION, "now": now, "rules": rules}
@@ -869,8 +875,10 @@ class AlertEngine:
                 track.oldest = min(track.buckets, default=0)
                 rs.tracks[(track.tenant, track.device)] = track
                 self._active += track.state is AlertState.FIRING
-            for tenant, starts_at, members in entry["groups"]:
-                rs.groups[str(tenant)] = _Group(str(tenant), float(starts_at), dict(members))
+            for tenant, starts_at, members, *ever in entry["groups"]:
+                rs.groups[str(tenant)] = _Group(
+                    str(tenant), float(starts_at), dict(members), dict(ever[0] if ever else members)
+                )
                 self._active += 1
 
 

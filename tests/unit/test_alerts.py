@@ -235,6 +235,7 @@ def test_mass_offline_is_one_group_alert_until_the_last_device_is_back() -> None
     (resolved,) = e.take_events()
     assert resolved.status is AlertStatus.RESOLVED and resolved.ends_at == 511.0
     assert resolved.fingerprint == group.fingerprint
+    assert resolved.annotations["device_count"] == "8"  # the resolve names what the incident took
     e.tick(400.0)  # time does not go back: ignored
     assert e.take_events() == []
     assert e.stats.fired == 2 and e.active_count == 1
