@@ -38,7 +38,10 @@ all, at most 48 handshakes in flight per process.  Idle sessions send the agent'
 session ticket the hub issues, so the hub holds one ticket per device as it would.
 Each figure is the hub's VmRSS growth over the warm-up baseline divided by the sessions
 added, a few seconds after the last handshake.  A stage that cannot finish within
-``--connect-timeout`` reports what it reached.
+``--connect-timeout`` reports what it reached.  After the last stage the sessions idle
+``--long-idle`` seconds more (120; a dozen heartbeats) and the figure is read again
+(``kb_per_idle_session_5000_long_idle``): state that grows with every heartbeat shows
+there, not right after the handshakes.
 """
 
 from __future__ import annotations
@@ -593,6 +596,19 @@ def measure_sessions(args: argparse.Namespace, tmp: Path, pki: Path) -> dict[str
         out["hub_cpu_ms_per_handshake"] = round(
             (cpu_seconds(hub.pid) - cpu0) / max(1, up - warm) * 1000, 2
         )
+        if args.long_idle > 0 and up > warm:
+            # what an idle session costs once it has idled a while (state that grows with
+            # every heartbeat shows here, not a few seconds after the handshake)
+            time.sleep(args.long_idle)
+            hub.check_alive()
+            n, rss = stages[-1], status_kb(hub.pid)
+            workers.send("stats")
+            stats = workers.gather("stats", 30)
+            still = total(stats, "up")
+            out["long_idle_s"] = args.long_idle
+            out[f"kb_per_idle_session_{n}_long_idle"] = round((rss - rss0) / (still - warm), 1)
+            out[f"hub_rss_mb_{n}_long_idle"] = round(rss / 1024, 1)
+            out[f"sessions_up_{n}_long_idle"] = still
         out["sessions_lost_while_idle"] = total(stats, "lost_after_up")
         reasons = merge_reasons(stats)
         if reasons:
@@ -690,6 +706,14 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> None:
         )
         if f"note_{n}" in out:
             print(f"  note: {out[f'note_{n}']}")
+    if "long_idle_s" in out:
+        n = sorted(args.sessions)[-1]
+        kb, up = out[f"kb_per_idle_session_{n}_long_idle"], out[f"sessions_up_{n}_long_idle"]
+        print(
+            f"  after {out['long_idle_s']:.0f} s more of idling ({up:,} sessions up): "
+            f"hub RSS {out[f'hub_rss_mb_{n}_long_idle']} MB: {kb} KB per session"
+            f"   target <= {TARGET_KB_PER_SESSION}: {mark(kb <= TARGET_KB_PER_SESSION)}"
+        )
     if "hub_cpu_ms_per_handshake" in out:
         print(
             f"  hub CPU per handshake {out['hub_cpu_ms_per_handshake']} ms; sessions lost "
@@ -712,6 +736,12 @@ def main() -> int:
     ap.add_argument("--session-procs", type=int, default=4, help="load processes (4)")
     ap.add_argument("--connect-timeout", type=float, default=150.0, help="per stage, s (150)")
     ap.add_argument("--settle", type=float, default=5.0, help="idle s before reading RSS (5)")
+    ap.add_argument(
+        "--long-idle",
+        type=float,
+        default=120.0,
+        help="then idle this long and read RSS again, last stage (120; 0: skip)",
+    )
     ap.add_argument("--quick", action="store_true", help="short window, 1,000 sessions only")
     ap.add_argument("--encode", action="store_true", help="devices encode every batch")
     ap.add_argument("--hub-uvloop", action="store_true", help="run the hub on uvloop")
@@ -723,9 +753,11 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.warmup, args.window, args.sessions, args.settle = 3.0, 8.0, [1000], 3.0
+        args.long_idle = 0.0
     if args.procs < 1 or args.devices < args.procs:
         ap.error("--devices must be at least --procs >= 1")
     bound = 180 + args.warmup + args.window + len(args.sessions) * (args.connect_timeout + 90)
+    bound += args.long_idle
     try:
         with watchdog(bound):
             out = bench(args)

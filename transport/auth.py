@@ -97,11 +97,19 @@ class AuthAlert(tls.AlertBadCertificate):
     """A refused device certificate (TLS bad_certificate alert, with the reason)."""
 
 
+# What aioquic 1.7.2's server reads from a ticket its fetcher returns (tls.py
+# _server_handle_hello): is_valid (the two validity times), cipher_suite and
+# resumption_secret.  The rest of a SessionTicket (the server's transport parameters, the
+# age obfuscation, the server name) is for clients; a hub holds one ticket per device, so it
+# keeps only these (~350 bytes a ticket instead of ~1 KB).
+_Kept = tuple[tls.CipherSuite, float, float, bytes, DeviceIdentity]
+
+
 class TicketStore:
     """Hub-side session tickets: bound to an identity, single use, bounded (oldest dropped)."""
 
     def __init__(self, max_entries: int = 100_000) -> None:
-        self._tickets: OrderedDict[bytes, tuple[tls.SessionTicket, DeviceIdentity]] = OrderedDict()
+        self._tickets: OrderedDict[bytes, _Kept] = OrderedDict()
         self.max_entries = max_entries
         self.issued = 0
         self.resumed = 0
@@ -110,20 +118,37 @@ class TicketStore:
 
     def add(self, ticket: tls.SessionTicket, identity: DeviceIdentity) -> None:
         """Remember a ticket the hub just issued to ``identity``."""
-        self._tickets[ticket.ticket] = (ticket, identity)
+        self._tickets[ticket.ticket] = (
+            ticket.cipher_suite,
+            ticket.not_valid_before.timestamp(),
+            ticket.not_valid_after.timestamp(),
+            ticket.resumption_secret,
+            identity,
+        )
         self.issued += 1
         while len(self._tickets) > self.max_entries:
             self._tickets.popitem(last=False)
             self.evicted += 1
 
     def take(self, label: bytes) -> tuple[tls.SessionTicket, DeviceIdentity] | None:
-        """The ticket and its identity, removed so it cannot be used again (None if unknown)."""
+        """The ticket (what a server reads of it) and its identity, removed so it cannot be
+        used again (None if unknown)."""
         entry = self._tickets.pop(label, None)
         if entry is None:
             self.unknown += 1
-        else:
-            self.resumed += 1
-        return entry
+            return None
+        self.resumed += 1
+        suite, not_before, not_after, secret, identity = entry
+        ticket = tls.SessionTicket(
+            age_add=0,
+            cipher_suite=suite,
+            not_valid_after=datetime.fromtimestamp(not_after, UTC),
+            not_valid_before=datetime.fromtimestamp(not_before, UTC),
+            resumption_secret=secret,
+            server_name="",
+            ticket=label,
+        )
+        return ticket, identity
 
     def __len__(self) -> int:
         return len(self._tickets)

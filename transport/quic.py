@@ -13,8 +13,10 @@ from __future__ import annotations
 import functools
 import heapq
 import itertools
+import logging
 import os
 import re
+import sys
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,8 +27,13 @@ from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic import connection as _aioquic_connection
 from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection, QuicConnectionState
-from aioquic.quic.crypto import CryptoPair
+from aioquic.quic.connection import (
+    QuicConnection,
+    QuicConnectionError,
+    QuicConnectionState,
+    QuicNetworkPath,
+)
+from aioquic.quic.crypto import CryptoPair, NoCallback
 from aioquic.quic.packet import (
     QuicErrorCode,
     QuicFrameType,
@@ -35,6 +42,8 @@ from aioquic.quic.packet import (
     pull_quic_header,
 )
 from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import MAX_ACK_RANGES, QuicPacketSpace
+from aioquic.quic.stream import QuicStream
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -283,7 +292,7 @@ class HubLimits:
     handshake_timeout_s: float = 10.0  # unfinished by then: dropped, its handshake slot freed
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class HubConnection:
     """One device connection: the QUIC state, its session core, and who it is."""
 
@@ -301,6 +310,7 @@ class HubConnection:
     cids: set[bytes] = field(default_factory=set)
     timer: float | None = None
     handshake_deadline: float | None = None  # until the handshake completes
+    settled: bool = False  # aioquic's spent handshake state released (release_spent_state)
 
     @property
     def peer_addr(self) -> Address:
@@ -352,6 +362,7 @@ class HubEndpoint:
         self._cfg = _base_config(False, self.limits.idle_timeout_s)
         self._cfg.certificate = tls_files.cert
         self._cfg.private_key = tls_files.key
+        self._handshake_bytes = handshake_flight_bytes(tls_files.cert, self._cfg.certificate_chain)
         self._roots = tls_files.device_roots
         self._make_session = make_session
         self._authorize = authorize
@@ -450,6 +461,7 @@ class HubEndpoint:
         conn_id = next(self._ids)
         box: dict[str, HubConnection] = {}
         quic = _HubQuic(
+            handshake_bytes=self._handshake_bytes,
             configuration=self._cfg,
             original_destination_connection_id=header.destination_cid,
             session_ticket_fetcher=lambda label: self._fetch_ticket(box["c"], label),
@@ -502,6 +514,10 @@ class HubEndpoint:
                 conn.identity, conn.resumed = conn.ticket_identity, True
         while (ev := conn.quic.next_event()) is not None:
             self._on_quic_event(conn, ev, now)
+        if conn.settled:
+            tend_idle(conn.quic)
+        elif conn.handshake_done and not conn.closed:
+            conn.settled = release_spent_state(conn.quic)  # the rest: 0-RTT over, ticket acked
         if conn.session is None and conn.identity is not None and not conn.closed:
             conn.session = self._make_session(conn, now)
             held, conn.held = conn.held, []
@@ -518,10 +534,10 @@ class HubEndpoint:
             conn.handshake_done = True
             self.handshaking -= 1
             conn.handshake_deadline = None
-            _release_handshake_buffers(conn.quic)
             self.counters["handshakes"] += 1
             self.counters["resumed"] += int(ev.session_resumed)
             if conn.identity is not None:
+                conn.settled = release_spent_state(conn.quic)
                 self._events.append(DeviceConnected(conn))
             else:
                 self.counters["auth_failed"] += 1
@@ -590,9 +606,18 @@ class HubEndpoint:
         if conn.session is not None:
             times.append(conn.session.get_timer())
         t = min((x for x in times if x is not None), default=None)
-        if t is not None and t != conn.timer:
+        conn.timer, before = t, conn.timer
+        if t is not None and t != before:
             heapq.heappush(self._timers, (t, conn.conn_id))
-        conn.timer = t
+            if len(self._timers) > 2 * len(self.connections) + 64:
+                self._rebuild_timers()
+
+    def _rebuild_timers(self) -> None:
+        """Only the live deadline of each connection (the heap keeps superseded ones until
+        they come up: an idle device's every heartbeat moves its deadline and leaves one)."""
+        live = self.connections.values()
+        self._timers = [(c.timer, c.conn_id) for c in live if c.timer is not None]
+        heapq.heapify(self._timers)
 
     def _terminated(self, conn: HubConnection, ev: qe.ConnectionTerminated) -> None:
         if conn.closed:
@@ -719,35 +744,554 @@ def _tls_backlog(quic: QuicConnection) -> int:
     return len(getattr(getattr(quic, "tls", None), "_receive_buffer", b""))
 
 
-def _release_handshake_buffers(quic: QuicConnection) -> None:
-    """Free aioquic's three 16 KiB TLS output buffers once a server handshake is complete.
+# --- what an established hub connection keeps ------------------------------------------
+#
+# aioquic keeps every piece of handshake state for a connection's whole life; a hub holds
+# thousands of idle device connections.  Once a server connection's handshake is confirmed
+# (its HANDSHAKE keys discarded, which aioquic does on the client's Finished, before the
+# HandshakeCompleted event) the endpoint swaps what aioquic never reads again for shared or
+# smaller stand-ins (``release_spent_state``), and a few per-connection structures are
+# lighter from the start (``_HubQuic``).  Each replacement notes the aioquic 1.7.2 code that
+# proves it is not read again; tests/unit/test_quic_memory.py pins those assumptions
+# (``check_aioquic_internals`` and behaviour: late packets of discarded epochs, key
+# update, migration, post-handshake TLS messages, close).
 
-    aioquic keeps them for the connection's life, but a server TLS context past its
-    handshake never writes again: in SERVER_POST_HANDSHAKE every further handshake message
-    is refused (an alert, raised before any output), and what it wrote earlier was moved to
-    the crypto streams at once (``_push_crypto_data``), so the buffers are empty by the time
-    HandshakeCompleted is seen.  Empty zero-capacity buffers take their place.
+# Connection IDs each side keeps for the other.  RFC 9000 5.1.1: at least 2 (the one in use
+# and one spare, which is what a new path or a CID change takes); aioquic issues up to 8,
+# ~500 bytes per extra pair.  A NAT rebinding keeps the CID in use (RFC 9000 9.5), so one
+# spare is enough; after a switch the old CID is retired and a new spare issued.
+_HUB_ACTIVE_CIDS = 2
+
+# What a server's TLS writes per epoch.  A ServerHello is at most ~250 bytes (32-byte echoed
+# session id, one key share of at most 97 bytes, PSK and version extensions); a
+# NewSessionTicket ~100 (aioquic's 64-byte label).  The HANDSHAKE flight is
+# EncryptedExtensions (ALPN, transport parameters), CertificateRequest, the hub's
+# certificate chain, CertificateVerify (a signature: <= 512 bytes up to RSA-4096) and
+# Finished: the chain plus well under 2 KiB.  The margins are generous because an overflow
+# would be an exception inside aioquic, not a TLS alert.
+_SERVER_HELLO_BYTES = 2048
+_SESSION_TICKET_BYTES = 2048
+_HANDSHAKE_FLIGHT_MARGIN = 4096
+
+
+def handshake_flight_bytes(cert: x509.Certificate, chain: list[x509.Certificate]) -> int:
+    """TLS output buffer a server needs for its HANDSHAKE flight with this certificate chain."""
+    der = sum(len(c.public_bytes(Encoding.DER)) for c in [cert, *chain])
+    return der + _HANDSHAKE_FLIGHT_MARGIN
+
+
+# aioquic 1.7.2 internals the above relies on, per object; check_aioquic_internals pins them.
+_PINNED: dict[str, tuple[str, ...]] = {
+    "QuicConnection": (
+        "_QuicConnection__frame_handlers",
+        "_crypto_buffers",
+        "_crypto_streams",
+        "_cryptos",
+        "_cryptos_initial",
+        "_datagrams_pending",
+        "_events",
+        "_handshake_confirmed",
+        "_is_client",
+        "_local_active_connection_id_limit",
+        "_logger",
+        "_loss",
+        "_network_paths",
+        "_original_destination_connection_id",
+        "_ping_pending",
+        "_quic_logger",
+        "_remote_active_connection_id_limit",
+        "_remote_version_information",
+        "_session_ticket_fetcher",
+        "_session_ticket_handler",
+        "_spaces",
+        "_state",
+    ),
+    "QuicPacketRecovery": ("_logger", "spaces"),
+    "QuicPacketSpace": (
+        "ack_at",
+        "ack_eliciting_in_flight",
+        "discarded",
+        "received_packets",
+        "sent_packets",
+    ),
+    "QuicStreamSender": ("_buffer", "_buffer_start", "_buffer_stop", "_pending"),
+    "QuicStreamReceiver": ("_buffer", "highest_offset"),
+    "CryptoContext": ("_setup_cb", "_teardown_cb"),
+    "QuicNetworkPath": ("local_challenges", "remote_challenges"),
+}
+_PINNED_METHODS = ("_initialize", "_replenish_connection_ids", "_push_crypto_data")
+
+
+class _SmallQueue(list[Any]):
+    """A list with deque's ``append``/``popleft`` (and ``maxlen``) for aioquic's tiny queues.
+
+    An empty ``collections.deque`` holds a 64-slot block (~700 bytes); aioquic keeps four per
+    connection (events, pending datagrams, a path's challenges sent and received), which
+    hold a handful of items at most between two calls.  aioquic uses only append, popleft,
+    clear, ``in``, ``len``, truth and ``[0]`` on them (pinned by the tests).
     """
-    buffers = getattr(quic, "_crypto_buffers", None)
-    tls_ctx = getattr(quic, "tls", None)
-    if (
-        isinstance(buffers, dict)
-        and tls_ctx is not None
-        and tls_ctx.state is tls.State.SERVER_POST_HANDSHAKE
-        and all(b.tell() == 0 for b in buffers.values())
+
+    __slots__ = ("maxlen",)
+
+    def __init__(self, items: Any = (), maxlen: int | None = None) -> None:
+        super().__init__(items)
+        self.maxlen = maxlen
+
+    def append(self, item: Any) -> None:
+        """Add at the right end; beyond ``maxlen`` the oldest item goes, as in a deque."""
+        super().append(item)
+        if self.maxlen is not None and len(self) > self.maxlen:
+            del self[0]
+
+    def popleft(self) -> Any:
+        """Remove and return the leftmost item (IndexError when empty, as a deque)."""
+        return self.pop(0)
+
+
+def _small(queue: Any) -> _SmallQueue | Any:
+    """``queue`` as a _SmallQueue (same items, same bound) unless it already is one."""
+    if isinstance(queue, deque):
+        return _SmallQueue(queue, queue.maxlen)
+    return queue
+
+
+class _PacketWindow:
+    """aioquic's ``QuicPacketNumberWindow`` (duplicate detection) in one int bitmap.
+
+    Same answers (the tests compare both on random sequences): packet numbers below the
+    window count as received, the window is the last ``2 * MAX_ACK_RANGES`` numbers.  The
+    original keeps a set of 128 to 256 ints once a connection has received a few hundred
+    packets (a device idling on 10 s heartbeats for half an hour): 13-17 KB.  The bitmap is
+    one 128-bit int.
+    """
+
+    __slots__ = ("_bits", "_lower")
+    SIZE = 2 * MAX_ACK_RANGES
+
+    def __init__(self) -> None:
+        self._lower = 0
+        self._bits = 0  # bit i: packet number _lower + i was received
+
+    def add(self, packet_number: int) -> None:
+        """Note a received packet number; the window slides so that it is the upper end."""
+        if packet_number < self._lower:
+            return
+        lower = packet_number - self.SIZE + 1
+        if lower > self._lower:
+            self._bits >>= lower - self._lower
+            self._lower = lower
+        self._bits |= 1 << (packet_number - self._lower)
+
+    def __contains__(self, packet_number: int) -> bool:
+        offset = packet_number - self._lower
+        return offset < 0 or (offset < self.SIZE and (self._bits >> offset) & 1 == 1)
+
+
+class _FrameHandlers:
+    """aioquic's frame dispatch table for one connection, without a per-connection copy.
+
+    ``QuicConnection.__init__`` builds a 33-entry dict of (bound method, epochs) per
+    connection (~6 KB); ``_payload_received`` only ever does ``table[frame_type]`` and
+    treats KeyError as an unknown frame type.  This view keeps the method names once per
+    process and binds on lookup.
+    """
+
+    __slots__ = ("_conn",)
+    table: dict[int, tuple[str, frozenset[tls.Epoch]]] | None = None
+
+    def __init__(self, conn: QuicConnection) -> None:
+        self._conn = conn
+
+    def __getitem__(self, frame_type: int) -> tuple[Callable[..., None], frozenset[tls.Epoch]]:
+        assert _FrameHandlers.table is not None
+        name, epochs = _FrameHandlers.table[frame_type]  # KeyError: unknown, as in aioquic
+        handler: Callable[..., None] = getattr(self._conn, name)
+        return handler, epochs
+
+    @classmethod
+    def install(cls, conn: QuicConnection) -> bool:
+        """Replace ``conn``'s own table by a view, if it has the shape this relies on."""
+        own = vars(conn).get("_QuicConnection__frame_handlers")
+        if not isinstance(own, dict):
+            return False
+        if cls.table is None:
+            table: dict[int, tuple[str, frozenset[tls.Epoch]]] = {}
+            for frame_type, (handler, epochs) in own.items():
+                name = getattr(handler, "__name__", "")
+                if getattr(handler, "__self__", None) is not conn or not isinstance(
+                    epochs, frozenset
+                ):
+                    return False
+                if getattr(conn, name, None) != handler:
+                    return False
+                table[frame_type] = (name, epochs)
+            cls.table = table
+        elif own.keys() != cls.table.keys():
+            return False
+        vars(conn)["_QuicConnection__frame_handlers"] = cls(conn)
+        return True
+
+
+class _SpentStreamPart:
+    """Receiver and sender of a crypto stream that is over: holds nothing, refuses input."""
+
+    __slots__ = ("_code", "_reason")
+    buffer_is_empty = True
+    is_finished = True
+
+    def __init__(self, code: int, reason: str) -> None:
+        self._code = code
+        self._reason = reason
+
+    def starting_offset(self) -> int:
+        """Offset the next CRYPTO data would start at (none is expected)."""
+        return 0
+
+    def handle_frame(self, frame: Any) -> None:
+        """CRYPTO data: a connection error (aioquic closes the connection with it)."""
+        raise QuicConnectionError(self._code, QuicFrameType.CRYPTO, self._reason)
+
+    def write(self, data: bytes, end_stream: bool = False) -> None:
+        """TLS output: there is none after the handshake (empty writes are accepted)."""
+        if data or end_stream:
+            raise QuicConnectionError(
+                QuicErrorCode.INTERNAL_ERROR, QuicFrameType.CRYPTO, "TLS output after handshake"
+            )
+
+
+class _SpentCryptoStream:
+    """Stands in for a crypto stream that is over, shared by every established connection."""
+
+    __slots__ = ("receiver", "sender")
+
+    def __init__(self, part: _SpentStreamPart) -> None:
+        self.receiver = self.sender = part
+
+
+class _EstablishedTls:
+    """What is left of a server's TLS context once the handshake is confirmed.
+
+    aioquic 1.7.2 reads ``QuicConnection.tls`` after that only in ``_handle_crypto_frame``
+    (1-RTT CRYPTO data from the client) and there a server context in SERVER_POST_HANDSHAKE
+    raises unexpected_message for whatever complete message comes (tls.py
+    ``_handle_reassembled_message``).  In QUIC a client has nothing to send there (no
+    KeyUpdate, RFC 9001 section 6; no EndOfEarlyData, 8.3; the hub never asks for
+    post-handshake auth), so this refuses the first byte rather than buffering up to a
+    message.  Key updates use the 1-RTT secrets in the CryptoPair, not the TLS key
+    schedule.  What goes: the key schedule and its transcript hash, both certificate
+    chains, extensions, the issued ticket and the callbacks (~10 KB with OpenSSL's part).
+    """
+
+    __slots__ = ("alpn_negotiated", "early_data_accepted", "session_resumed")
+    state = tls.State.SERVER_POST_HANDSHAKE
+    _receive_buffer = b""  # read by _tls_backlog
+
+    def __init__(self, ctx: tls.Context) -> None:
+        self.session_resumed = ctx.session_resumed
+        self.early_data_accepted = ctx.early_data_accepted
+        self.alpn_negotiated = ctx.alpn_negotiated
+
+    def handle_message(self, input_data: bytes, output_buf: dict[tls.Epoch, Buffer]) -> None:
+        """Post-handshake TLS data from a client: unexpected_message (closes with 0x10a)."""
+        if input_data:
+            raise tls.AlertUnexpectedMessage("no TLS message is expected after the handshake")
+
+
+def _spent_space() -> QuicPacketSpace:
+    space = QuicPacketSpace()
+    space.discarded = True
+    return space
+
+
+# Shared by every established hub connection: nothing writes to them once their epoch is
+# discarded (aioquic: a discarded epoch's packets fail to decrypt before its space or
+# stream is touched; recovery only reads the spaces it has discarded; datagrams_to_send
+# writes INITIAL/HANDSHAKE packets only before the handshake is confirmed).
+_SPENT_PAIR = CryptoPair()
+_SPENT_SPACE = _spent_space()
+_SPENT_STREAM = _SpentCryptoStream(
+    _SpentStreamPart(QuicErrorCode.INTERNAL_ERROR, "CRYPTO data in a discarded epoch")
+)
+# The 1-RTT crypto stream once the session ticket it carried is acknowledged: what a client
+# might still send there, the TLS context would refuse (see _EstablishedTls).
+_SPENT_ONE_RTT_STREAM = _SpentCryptoStream(
+    _SpentStreamPart(
+        QuicErrorCode.CRYPTO_ERROR + tls.AlertDescription.unexpected_message,
+        "no TLS message is expected after the handshake",
+    )
+)
+_SPENT_INITIAL_PAIRS: dict[tuple[int, ...], dict[int, CryptoPair]] = {}
+_FEW_PACKETS = 8
+_FEW_PACKETS_DICT_BYTES = 640  # a dict of < 8 entries takes <= 352 B; larger, it held more once
+_ACK_ONLY_BACKLOG = 16  # unacknowledged ACK-only packets before the hub sends a PING
+
+
+class _ConnLog:
+    """aioquic's per-connection ``QuicConnectionAdapter`` (two dicts and a hex string, ~600
+    bytes) as a view: the same "[odcid] message" lines, prefixed only when one is logged."""
+
+    __slots__ = ("_quic",)
+
+    def __init__(self, quic: QuicConnection) -> None:
+        self._quic = quic
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        """Log ``msg`` at ``level`` on aioquic's logger, with the connection's id."""
+        if _aioquic_connection.logger.isEnabledFor(level):
+            odcid: bytes = getattr(self._quic, "_original_destination_connection_id", b"")
+            text = f"[{_aioquic_connection.dump_cid(odcid)}] {msg}"
+            _aioquic_connection.logger.log(level, text, *args, **kwargs)
+
+    def isEnabledFor(self, level: int) -> bool:
+        """Whether aioquic's logger takes ``level``."""
+        return _aioquic_connection.logger.isEnabledFor(level)
+
+    def debug(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        """logging.DEBUG."""
+        self.log(logging.DEBUG, msg, *args, **kwargs)
+
+    def info(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        """logging.INFO."""
+        self.log(logging.INFO, msg, *args, **kwargs)
+
+    def warning(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        """logging.WARNING."""
+        self.log(logging.WARNING, msg, *args, **kwargs)
+
+    def error(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        """logging.ERROR."""
+        self.log(logging.ERROR, msg, *args, **kwargs)
+
+
+def check_aioquic_internals() -> list[str]:
+    """The aioquic internals the hub's lean connections rely on that are missing (none)."""
+    conn = QuicConnection(configuration=QuicConfiguration(is_client=True))
+    stream = QuicStream()
+    samples: dict[str, object] = {
+        "QuicConnection": conn,
+        "QuicPacketRecovery": getattr(conn, "_loss", None),
+        "QuicPacketSpace": QuicPacketSpace(),
+        "QuicStreamSender": stream.sender,
+        "QuicStreamReceiver": stream.receiver,
+        "CryptoContext": CryptoPair().recv,
+        "QuicNetworkPath": QuicNetworkPath(("127.0.0.1", 0)),
+    }
+    missing = [
+        f"{kind}.{name}"
+        for kind, names in _PINNED.items()
+        for name in names
+        if name not in getattr(samples[kind], "__dict__", {})
+    ]
+    missing += [f"QuicConnection.{m}" for m in _PINNED_METHODS if not hasattr(QuicConnection, m)]
+    missing += [
+        f"aioquic.quic.connection.{name}"
+        for name in ("logger", "dump_cid")
+        if not hasattr(_aioquic_connection, name)
+    ]
+    if not isinstance(vars(conn).get("_QuicConnection__frame_handlers"), dict):
+        missing.append("QuicConnection.__frame_handlers (a dict)")
+    return missing
+
+
+def _lean_ok() -> bool:
+    """Whether this aioquic has what the lean hub connection relies on (checked once)."""
+    global _LEAN
+    if _LEAN is None:
+        missing = check_aioquic_internals()
+        _LEAN = not missing
+        if missing:
+            logging.getLogger("squall.quic").warning(
+                "aioquic changed (%s): hub connections keep aioquic's full state", missing
+            )
+    return _LEAN
+
+
+_LEAN: bool | None = None
+
+
+def release_spent_state(quic: QuicConnection) -> bool:
+    """Drop what a confirmed server connection no longer reads; True once all is dropped.
+
+    Idempotent.  Returns False while something is still in use -- 0-RTT keys (a resumed
+    connection before the client's first 1-RTT packet, when aioquic discards them), the
+    session ticket not yet acknowledged -- so the endpoint calls again on later input.
+    """
+    q: Any = quic
+    if not _lean_ok() or q._is_client or q._state is not QuicConnectionState.CONNECTED:
+        return True  # nothing to do (a closing connection goes away whole)
+    if not q._handshake_confirmed:
+        return False
+    for epoch in (tls.Epoch.INITIAL, tls.Epoch.HANDSHAKE):
+        _release_epoch(q, epoch)
+    if isinstance(q.tls, tls.Context) and not _release_tls(q):
+        return False
+    for path in q._network_paths:
+        path.local_challenges = _small(path.local_challenges)
+        path.remote_challenges = _small(path.remote_challenges)
+    done = _release_one_rtt_crypto_stream(q)
+    zero_rtt = q._cryptos[tls.Epoch.ZERO_RTT]
+    if zero_rtt is not _SPENT_PAIR:
+        if zero_rtt.recv.is_valid() or zero_rtt.send.is_valid():
+            return False  # aioquic tears them down at the first 1-RTT packet
+        q._cryptos[tls.Epoch.ZERO_RTT] = _SPENT_PAIR
+    if done:
+        _repack(q)
+    return done
+
+
+def _release_epoch(q: Any, epoch: tls.Epoch) -> None:
+    """A discarded INITIAL or HANDSHAKE epoch: its space, keys and crypto stream -> shared."""
+    space = q._spaces[epoch]
+    if space is _SPENT_SPACE or not space.discarded:
+        return
+    if space.sent_packets or space.ack_at is not None:
+        return  # not what aioquic's discard_space leaves: keep it
+    q._spaces[epoch] = _SPENT_SPACE
+    q._loss.spaces = [_SPENT_SPACE if s is space else s for s in q._loss.spaces]
+    q._cryptos[epoch] = _SPENT_PAIR
+    q._crypto_streams[epoch] = _SPENT_STREAM
+    if epoch is tls.Epoch.INITIAL:
+        # read only as ``_cryptos_initial[version]`` for late Initial packets (which then
+        # fail to decrypt); written only in _initialize: one dict per version set will do
+        versions = tuple(q._cryptos_initial)
+        q._cryptos_initial = _SPENT_INITIAL_PAIRS.setdefault(
+            versions, dict.fromkeys(versions, _SPENT_PAIR)
+        )
+
+
+def _release_tls(q: Any) -> bool:
+    """The TLS context -> _EstablishedTls, with everything only the handshake used."""
+    ctx = q.tls
+    if ctx.state is not tls.State.SERVER_POST_HANDSHAKE or ctx._receive_buffer:
+        return False
+    if any(b.tell() for b in q._crypto_buffers.values()):
+        return False
+    q.tls = _EstablishedTls(ctx)
+    # The TLS output buffers: with the context gone nothing writes them, and aioquic reads
+    # them only in _push_crypto_data, right after a TLS call.
+    q._crypto_buffers = {}
+    q._session_ticket_fetcher = q._session_ticket_handler = None
+    q._remote_version_information = None  # read only while parsing transport parameters
+    q._logger = q._loss._logger = _ConnLog(q)
+    if q._quic_logger is None:  # the key-log callbacks write to the qlog only
+        one_rtt = q._cryptos[tls.Epoch.ONE_RTT]
+        for c in (one_rtt.recv, one_rtt.send):
+            c._setup_cb = c._teardown_cb = NoCallback
+    return True
+
+
+def _release_one_rtt_crypto_stream(q: Any) -> bool:
+    """The 1-RTT crypto stream -> shared, once the session ticket it carried is acknowledged
+    (the stream is then empty: nothing pending, nothing in flight, nothing received)."""
+    stream = q._crypto_streams[tls.Epoch.ONE_RTT]
+    if stream is _SPENT_ONE_RTT_STREAM:
+        return True
+    sender, receiver = stream.sender, stream.receiver
+    if len(sender._pending) or sender._buffer or sender._buffer_start != sender._buffer_stop:
+        return False
+    if receiver.highest_offset or receiver._buffer:
+        return False
+    q._crypto_streams[tls.Epoch.ONE_RTT] = _SPENT_ONE_RTT_STREAM
+    return True
+
+
+def _repack(q: Any) -> None:
+    """Rebuild the connection's attribute dict without the hub's handshake-time attributes.
+
+    aioquic 1.7.2 sets 85 attributes: the most a 128-slot dict holds.  One more (the hub's
+    own, until now) and the dict doubles to 3.3 KB; deleting keys does not shrink it back.
+    """
+    attrs = vars(q)
+    attrs.pop("on_tls_ready", None)
+    attrs.pop("_handshake_bytes", None)
+    q.__dict__ = {k: v for k, v in attrs.items()}
+
+
+def tend_idle(quic: QuicConnection) -> None:
+    """Keep a settled connection from collecting state while it idles (cheap: on any input).
+
+    * A hub that only acknowledges (a device's heartbeats) sends ACK-only packets, which the
+      device never acknowledges: aioquic keeps every one in ``sent_packets`` (~0.4 KB each,
+      one per heartbeat: ~140 KB an hour).  RFC 9000 13.2.4: send an ack-eliciting frame
+      now and then; the device's ACK of that PING covers all of them.  Once
+      ``_ACK_ONLY_BACKLOG`` have piled up with nothing ack-eliciting in flight, the hub
+      sends a PING: one ~60-byte datagram each way (IP and UDP included) per 16
+      heartbeats, ~5% more idle traffic.
+    * A dict keeps the table of its largest size: the ``sent_packets`` of a connection that
+      once had many packets in flight is rebuilt small once only a few are left.
+    * A path the device moved to (NAT rebinding) comes with aioquic's two deques.
+    """
+    q: Any = quic
+    spaces = getattr(q, "_spaces", None) if _lean_ok() else None
+    space = spaces.get(tls.Epoch.ONE_RTT) if spaces else None
+    if space is None:
+        return
+    for path in q._network_paths:
+        if type(path.remote_challenges) is deque:
+            path.local_challenges = _small(path.local_challenges)
+            path.remote_challenges = _small(path.remote_challenges)
+    packets = space.sent_packets
+    if len(packets) < _FEW_PACKETS and sys.getsizeof(packets) > _FEW_PACKETS_DICT_BYTES:
+        space.sent_packets = {k: v for k, v in packets.items()}  # same order, small table
+    elif (
+        len(packets) >= _ACK_ONLY_BACKLOG
+        and not space.ack_eliciting_in_flight
+        and not q._ping_pending  # one PING at a time: aioquic sends it in the next packet
     ):
-        quic._crypto_buffers = {epoch: Buffer(capacity=0) for epoch in buffers}
+        quic.send_ping(0)
 
 
 class _HubQuic(QuicConnection):
-    """QuicConnection that lets the endpoint arm device authentication once TLS exists."""
+    """The hub's QuicConnection: arms device authentication once TLS exists, and keeps less.
+
+    From the start: one shared frame-handler table, list-based event and datagram queues, a
+    bitmap for duplicate detection, two connection IDs per side instead of eight.
+    """
 
     on_tls_ready: Callable[[tls.Context], None] | None = None
 
+    _handshake_bytes = 16384  # until _initialize: the HANDSHAKE flight's buffer
+
+    def __init__(self, *, handshake_bytes: int = 16384, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not _lean_ok():
+            return
+        self._handshake_bytes = handshake_bytes
+        _FrameHandlers.install(self)
+        q: Any = self
+        q._events = _small(q._events)
+        q._datagrams_pending = _small(q._datagrams_pending)
+        q._local_active_connection_id_limit = _HUB_ACTIVE_CIDS
+
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
+        if _lean_ok():
+            self._lean_buffers()
         if self.on_tls_ready is not None:
             self.on_tls_ready(self.tls)
+
+    def _lean_buffers(self) -> None:
+        # aioquic gives each handshake three 16 KiB TLS output buffers; a server writes one
+        # ServerHello (INITIAL), one flight ending in Finished (HANDSHAKE) and one
+        # NewSessionTicket (1-RTT) into them.  Sized to that, a storm of handshakes in
+        # progress holds ~8 KiB each instead of 48 (the hub's peak memory, which stays).
+        q: Any = self
+        q._crypto_buffers = {
+            tls.Epoch.INITIAL: Buffer(capacity=_SERVER_HELLO_BYTES),
+            tls.Epoch.HANDSHAKE: Buffer(capacity=self._handshake_bytes),
+            tls.Epoch.ONE_RTT: Buffer(capacity=_SESSION_TICKET_BYTES),
+        }
+        for space in self._spaces.values():
+            space.received_packets = _PacketWindow()  # type: ignore[assignment]
+
+    def _replenish_connection_ids(self) -> None:
+        # RFC 9000 5.1.1: an endpoint may issue fewer connection IDs than the peer's limit
+        q: Any = self
+        if _lean_ok():
+            q._remote_active_connection_id_limit = min(
+                q._remote_active_connection_id_limit, _HUB_ACTIVE_CIDS
+            )
+        super()._replenish_connection_ids()
 
 
 def _initial_close(header: Any, reason: str) -> bytes:
