@@ -353,6 +353,8 @@ _DECODERS: dict[int, Callable[[bytes], Frame]] = {
 class FrameReader:
     """Reassembles frames from stream bytes; buffered bytes never exceed one frame plus header."""
 
+    __slots__ = ("_buf", "_max_frame", "_need")
+
     def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
         self._buf = bytearray()
         self._need: int | None = None  # payload length of the frame being read
