@@ -51,6 +51,9 @@ class Commands:
         self.conn = conn
         self.queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         asyncio.get_running_loop().add_reader(conn.fileno(), self._on_readable)
+        # uvloop made the pipe non-blocking; a large report (every seq seen) must not
+        # fail with EAGAIN when the pipe is full: sends block, reads come when readable
+        os.set_blocking(conn.fileno(), True)
 
     def _on_readable(self) -> None:
         try:
