@@ -85,20 +85,20 @@ class GroupCommit(Generic[K]):
         return items
 
     @staticmethod
-    def committed(items: list[Accepted[K]]) -> set[K]:
+    def committed(items: list[Accepted[K]]) -> list[K]:
         """The group is durable: advance the ledgers; returns the sessions to acknowledge."""
         for it in items:
             lane = it.ledger.lanes[it.batch.lane]
             lane.committed = max(lane.committed, it.batch.last_seq)
-        return {it.key for it in items}
+        return list(dict.fromkeys(it.key for it in items))  # each once, in item order
 
     @staticmethod
-    def failed(items: list[Accepted[K]]) -> set[K]:
+    def failed(items: list[Accepted[K]]) -> list[K]:
         """The write failed: roll accepted marks back to what is durable."""
         for it in items:
             lane = it.ledger.lanes[it.batch.lane]
             lane.accepted = lane.committed
-        return {it.key for it in items}
+        return list(dict.fromkeys(it.key for it in items))  # each once, in item order
 
     def __len__(self) -> int:
         return len(self._items)

@@ -334,7 +334,7 @@ class Hub:
         self.errors["COMMIT_FAILED"] += 1
         failed = GroupCommit.failed(items)
         if self.jslog is not None:
-            failed |= self._drop_followers(items)
+            failed = list(dict.fromkeys([*failed, *self._drop_followers(items)]))
         now = self._now()
         for conn in failed:
             if conn.session is not None:
@@ -342,7 +342,7 @@ class Hub:
                 self.endpoint.touch(conn, now)
         self._flush()
 
-    def _drop_followers(self, failed: list[Accepted[HubConnection]]) -> set[HubConnection]:
+    def _drop_followers(self, failed: list[Accepted[HubConnection]]) -> list[HubConnection]:
         """Take out of the open group what was accepted behind a failed batch.
 
         Stored after the gap the failure leaves, those records would move the stream's

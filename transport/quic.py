@@ -371,7 +371,9 @@ class HubEndpoint:
         self._by_cid: dict[bytes, HubConnection] = {}
         self.connections: dict[int, HubConnection] = {}
         self._ids = itertools.count(1)
-        self._dirty: set[HubConnection] = set()
+        # insertion-ordered (a dict, not a set hashed by identity): output order is the
+        # order connections were touched, the same in every run
+        self._dirty: dict[HubConnection, None] = {}
         self._timers: list[tuple[float, int]] = []
         self._events: deque[HubEvent] = deque()
         self._stateless: list[tuple[bytes, Address]] = []
@@ -595,10 +597,10 @@ class HubEndpoint:
                     closing = sev
                 self._events.append(DeviceEvent(conn, sev))
             if closing is not None and not conn.closed:
-                self._dirty.add(conn)
+                self._dirty[conn] = None
                 self._out.extend(self._take(conn, now))  # the ERROR frame goes out first
                 conn.quic.close(error_code=int(closing.code), reason_phrase=closing.reason)
-        self._dirty.add(conn)
+        self._dirty[conn] = None
         self._arm(conn)
 
     def _arm(self, conn: HubConnection) -> None:
@@ -641,7 +643,7 @@ class HubEndpoint:
                 del self._by_cid[cid]
         if self.connections.pop(conn.conn_id, None) is not None and not conn.handshake_done:
             self.handshaking -= 1
-        self._dirty.discard(conn)
+        self._dirty.pop(conn, None)
 
     # -- output and timers -------------------------------------------------------
 
@@ -650,7 +652,7 @@ class HubEndpoint:
         out, self._stateless = self._stateless, []
         out.extend(self._out)
         self._out = []
-        dirty, self._dirty = self._dirty, set()
+        dirty, self._dirty = self._dirty, {}
         for conn in dirty:
             out.extend(self._take(conn, now))
         return out
@@ -732,7 +734,7 @@ class HubEndpoint:
             self._flush_session(conn, 0.0)
         else:
             conn.quic.close(error_code=int(code), reason_phrase=reason)
-            self._dirty.add(conn)
+            self._dirty[conn] = None
 
     def next_event(self) -> HubEvent | None:
         """The next hub event."""
