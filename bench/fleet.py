@@ -28,7 +28,6 @@ The result's exactness check reads the hub's log file directly (``batches`` rows
 from __future__ import annotations
 
 import argparse
-import sqlite3
 import subprocess
 import sys
 import time
@@ -88,21 +87,29 @@ class Trial:
 
 
 def _log_counts(db: Path) -> tuple[dict[str, int], int]:
-    """Unique seqs per device in the hub log (lanes and incarnations apart) and extra copies."""
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        rows = con.execute(
-            "SELECT device, incarnation, first_seq, count FROM batches WHERE device != ''"
-        ).fetchall()
-    finally:
-        con.close()
+    """Unique seqs per device in the hub log (incarnations apart) and extra copies.
+
+    Reads every record back (a lane's batch holds that lane's seqs, which are not
+    contiguous when a device uses several lanes, so batch rows alone cannot tell).
+    """
+    from hub.log import Log
+
     seen: dict[tuple[str, int], set[int]] = defaultdict(set)
     copies = 0
-    for device, inc, first, count in rows:
-        s = seen[(device, inc)]
-        before = len(s)
-        s.update(range(first, first + count))
-        copies += count - (len(s) - before)
+    log = Log(str(db))
+    try:
+        offset = log.first_offset()
+        while entries := log.read(offset, 50_000):
+            for e in entries:
+                if e.incarnation == 0:  # the hub's own records (presence)
+                    continue
+                s = seen[(e.device, e.incarnation)]
+                if e.seq in s:
+                    copies += 1
+                s.add(e.seq)
+            offset = entries[-1].offset + 1
+    finally:
+        log.close()
     per_device: dict[str, int] = defaultdict(int)
     for (device, _), seqs in seen.items():
         per_device[device] += len(seqs)
