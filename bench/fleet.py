@@ -69,7 +69,7 @@ class Trial:
     committed_per_s: float
     accepted: int
     delivered: int
-    lost: int
+    lost: int  # accepted but not in the hub's log when the vehicles stopped (still spooled)
     duplicates: int
     drained: bool
     hub_cpu_s: float
@@ -245,7 +245,7 @@ def search(
             verdict = "kept up" if t.kept_up else "did NOT keep up"
             print(
                 f"  {size:5d} vehicles x {rate:g}/s on {profile}: offered {t.offered_per_s:8.0f}/s,"
-                f" committed {t.committed_per_s:8.0f}/s, lost {t.lost}, dup {t.duplicates},"
+                f" committed {t.committed_per_s:8.0f}/s, undelivered {t.lost}, dup {t.duplicates},"
                 f" drained {t.drained}, hub CPU {t.hub_cpu_s:.0f} s -> {verdict}",
                 flush=True,
             )
