@@ -54,7 +54,7 @@ DEMO_RULES: dict[str, Any] = {
         {
             "name": "device_offline",
             "kind": "absence",
-            "for": "2s",
+            "for": "5s",  # a blip on a poor link is not a page; a tunnel is
             "group_by": ["tenant"],
             "group_min": 3,
             "group_wait": "3s",
@@ -492,7 +492,7 @@ def cli_demo(argv: list[str]) -> int:
     ap.add_argument("--vehicles", type=int, default=50)
     _common_args(ap)
     ap.add_argument("--outage-at", type=float, default=20.0)
-    ap.add_argument("--outage-s", type=float, default=15.0)
+    ap.add_argument("--outage-s", type=float, default=25.0)
     ap.add_argument("--out", default="demo-out")
     args = ap.parse_args(argv)
     try:
