@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -386,19 +387,21 @@ def _check_attrs(a: Any) -> dict[str, Scalar]:
     return a
 
 
-_CCTX: zstandard.ZstdCompressor | None = None
-_DCTX: zstandard.ZstdDecompressor | None = None
+# One compression context per thread: a zstandard context is not safe to use from two
+# threads at once (the hub validates batches in its event loop while its consumers decode
+# the log in worker threads; sharing one context corrupted their output).
+_CONTEXTS = threading.local()
 
 
 def _compressor() -> zstandard.ZstdCompressor:
-    global _CCTX
-    if _CCTX is None:
-        _CCTX = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=False)
-    return _CCTX
+    cctx: zstandard.ZstdCompressor | None = getattr(_CONTEXTS, "cctx", None)
+    if cctx is None:
+        cctx = _CONTEXTS.cctx = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=False)
+    return cctx
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:
-    global _DCTX
-    if _DCTX is None:
-        _DCTX = zstandard.ZstdDecompressor()
-    return _DCTX
+    dctx: zstandard.ZstdDecompressor | None = getattr(_CONTEXTS, "dctx", None)
+    if dctx is None:
+        dctx = _CONTEXTS.dctx = zstandard.ZstdDecompressor()
+    return dctx
