@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from hub.config import DeviceLimits, LogSettings, PresenceSettings, ServerLimits
 from hub.consumer import LogCursor
@@ -126,13 +125,8 @@ class VirtualHub:
         self._after(now)
 
     def datagrams(self, now: float) -> list[tuple[bytes, Address]]:
-        """Datagrams to send now, connection by connection in the order they were accepted."""
-        endpoint: Any = self.endpoint
-        # HubEndpoint keeps the connections it must flush in a set of objects hashed by
-        # identity: their order would change from run to run.  Hand it a list in
-        # connection order instead (it only iterates what it takes).
-        endpoint._dirty = sorted(endpoint._dirty, key=_conn_order)
-        return self.endpoint.datagrams_to_send(now)
+        """Datagrams to send now, connection by connection in the order they were touched."""
+        return self.endpoint.datagrams_to_send(now)  # insertion-ordered: the same every run
 
     # -- events ------------------------------------------------------------------------
 
@@ -211,14 +205,14 @@ class VirtualHub:
             self.log.append_group(pending, wall_s(now))
         except LogError:
             self.counters["commit_failures"] += 1
-            for conn in sorted(GroupCommit.failed(items), key=_conn_order):
+            for conn in GroupCommit.failed(items):  # in item order
                 if conn.session is not None:
                     conn.session.on_commit_failed("log write failed")
                     self.endpoint.touch(conn, now)
             return
         self.counters["commits"] += 1
         self.counters["records_committed"] += sum(p.count for p in pending)
-        for conn in sorted(GroupCommit.committed(items), key=_conn_order):
+        for conn in GroupCommit.committed(items):  # in item order
             if conn.session is not None:
                 conn.session.on_committed(now)
                 self.endpoint.touch(conn, now)
@@ -276,7 +270,3 @@ class VirtualHub:
 
 def _authorize(identity: DeviceIdentity) -> None:
     """Every device with a valid certificate may connect (no deny list in the simulator)."""
-
-
-def _conn_order(conn: HubConnection) -> int:
-    return conn.conn_id
