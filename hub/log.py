@@ -33,6 +33,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from hub.subjects import SubjectError, validate_subject
@@ -286,11 +287,13 @@ class Log:
         self._counters = _Counters()
         self._db: sqlite3.Connection | None = None
         try:
+            # a fresh install's config points into a folder that does not exist yet
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._configure(self._db, synchronous)
             self._db.executescript(_SCHEMA)
             self._load_meta(self._db)
-        except (sqlite3.Error, LogError) as exc:
+        except (sqlite3.Error, LogError, OSError) as exc:
             self.close()
             if isinstance(exc, LogError):
                 raise

@@ -449,3 +449,12 @@ def test_sigkill_during_group_commits_leaves_a_consistent_log(path: Path) -> Non
         seqs = [e.seq for e in entries if e.device == f"d{i}"]
         assert seqs == list(range(1, len(seqs) + 1))
         assert ledgers[("acme", f"d{i}")][5].held() == {Lane.TELEMETRY: len(seqs)}
+
+
+def test_the_log_makes_its_folder(tmp_path: Path) -> None:
+    """A fresh install's hub.yaml points into a folder that does not exist yet."""
+    log = Log(tmp_path / "run" / "deeper" / "hub.db")
+    try:
+        assert (tmp_path / "run" / "deeper" / "hub.db").exists()
+    finally:
+        log.close()
