@@ -425,7 +425,10 @@ def test_sigkill_during_group_commits_leaves_a_consistent_log(path: Path) -> Non
                 break
     finally:
         child.kill()
-        rest = child.communicate(timeout=10)[0]
+        child.wait(timeout=10)
+    # Read what is left through the same buffered reader: communicate() would read the raw
+    # pipe and miss lines the iterator had already buffered.
+    rest = child.stdout.read()
     for line in rest.splitlines():  # printed (so committed) before the kill landed
         group, result = json.loads(line)
         reported[group] = result

@@ -516,7 +516,12 @@ def _run_and_kill(db: Path, durability: str, lines: int) -> tuple[int, list[tupl
             break
         read.append(line)
     os.kill(proc.pid, signal.SIGKILL)  # mid-loop: between any two instructions of the child
-    out, err = proc.communicate()
+    proc.wait(timeout=10)
+    # The rest through the same buffered readers (communicate() would read the raw pipes and
+    # miss what readline() had already buffered).
+    out = proc.stdout.read()
+    assert proc.stderr is not None
+    err = proc.stderr.read()
     assert proc.returncode == -signal.SIGKILL, err
     assert len(read) >= lines, err
     accepted: list[tuple[int, int]] = []
