@@ -26,7 +26,7 @@ from transport.aio import UdpDriver, open_driver
 from transport.auth import decode_ticket, encode_ticket
 from transport.errors import ErrorCode, SquallError
 from transport.events import Acked, PeerError, Welcomed
-from transport.quic import Connected, ConnectionLost, EdgeEndpoint, EdgeTls
+from transport.quic import Connected, ConnectionLost, EdgeEndpoint, EdgeTls, edge_ack_delay
 from transport.session import EdgeSession, SenderConfig
 from transport.wire import LANES, Lane
 
@@ -212,7 +212,14 @@ class Agent:
             log.warning("cannot resolve hub %s: %s", host, exc)
             return None
         endpoint = EdgeEndpoint(
-            self.tls, session, addr, loop.time(), ticket, self._save_ticket, s.idle_timeout_s
+            self.tls,
+            session,
+            addr,
+            loop.time(),
+            ticket,
+            self._save_ticket,
+            s.idle_timeout_s,
+            edge_ack_delay(s.linger_ms / 1000),
         )
         self._lost = asyncio.Event()
         lost_box: list[ConnectionLost] = []

@@ -33,7 +33,7 @@ from transport.auth import decode_ticket, encode_ticket
 from transport.batchcodec import Scalar
 from transport.errors import ErrorCode
 from transport.events import Acked, Welcomed
-from transport.quic import Connected, ConnectionLost, EdgeEndpoint, EdgeTls
+from transport.quic import Connected, ConnectionLost, EdgeEndpoint, EdgeTls, edge_ack_delay
 from transport.session import EdgeSession, SenderConfig
 
 _FIRST_SOCKET_PORT = 40_000
@@ -261,7 +261,14 @@ class VirtualEdge:
         self.port = self._next_port
         self._next_port += 1
         self.endpoint = EdgeEndpoint(
-            self.tls, self.session, HUB_ADDR, now, ticket, self._save_ticket, s.idle_timeout_s
+            self.tls,
+            self.session,
+            HUB_ADDR,
+            now,
+            ticket,
+            self._save_ticket,
+            s.idle_timeout_s,
+            edge_ack_delay(s.linger_ms / 1000),
         )
         self.counters.sessions += 1
         self._after(now)

@@ -40,6 +40,8 @@ from aioquic.quic.packet import (
     QuicPacketType,
     encode_quic_version_negotiation,
     pull_quic_header,
+    pull_quic_transport_parameters,
+    push_quic_transport_parameters,
 )
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import MAX_ACK_RANGES, QuicPacketSpace
@@ -61,6 +63,17 @@ Address = tuple[Any, ...]
 # (~7 KB of every idle session). They are immutable and the shortcuts are literals, so
 # one shared set per shortcut is the same value: memoise the function process-wide.
 _aioquic_connection.EPOCHS = functools.lru_cache(maxsize=64)(_aioquic_connection.EPOCHS)
+# aioquic moves the streams that sent to the back of its service queue by iterating a set of
+# them; hashed by identity (a memory address), that order -- and so which lane's data fills
+# a packet first -- differed from run to run, and a virtual-time run with one seed was not
+# always the same run.  Hashed by stream ID (unique within a connection), it is.
+
+
+def _stream_hash(stream: QuicStream) -> int:
+    return hash(stream.stream_id)
+
+
+QuicStream.__hash__ = _stream_hash  # type: ignore[method-assign,assignment]
 _MIN_INITIAL_DATAGRAM = 1200  # RFC 9000 section 14.1: a client's first datagram is at least this
 _REFUSED_MEMORY = 8192  # refused Initial DCIDs remembered; beyond: the oldest are forgotten
 # TLS bytes one connection may have buffered towards an unfinished handshake message.  A
@@ -69,6 +82,66 @@ _REFUSED_MEMORY = 8192  # refused Initial DCIDs remembered; beyond: the oldest a
 _MAX_TLS_BACKLOG = 64 * 1024
 _RETRY_RE = re.compile(r"retry-after-ms=(\d+)")
 _MAX_STREAMS = 4  # control + three lanes
+
+# ACKs (RFC 9000 section 13.2).  aioquic acknowledges every ack-eliciting packet 1 ms after
+# it arrives, in a packet of its own, and adds a pending ACK to a data packet only once it
+# is due.  At telemetry rates that doubles the packets: the hub's QUIC ACK goes out just
+# before its commit ACK, and the edge's ACK of that commit ACK just before its next batch.
+# So both ends let a pending ACK ride the next packet they send anyway, and wait for one:
+# - the hub up to HUB_ACK_DELAY_S, under the 25 ms max_ack_delay aioquic advertises, which
+#   the group commit (5 ms by default) fits in: one packet carries both ACKs;
+# - the edge up to its ack delay (EdgeEndpoint's ``ack_delay``, the agent's linger up to
+#   EDGE_ACK_DELAY_MAX_S), which it advertises as its max_ack_delay so the hub's loss
+#   detection allows for it: the ACK rides the next batch or heartbeat.
+# Either end acknowledges at once after ACK_EVERY ack-eliciting packets (bulk transfers keep
+# their ACK clock) and whenever it sends anything else.
+HUB_ACK_DELAY_S = 0.020
+EDGE_ACK_DELAY_MAX_S = 1.0
+ACK_EVERY = 2
+_ADVERTISED_SLACK_MS = 25  # timer lateness allowed on top of the edge's ack delay
+
+
+def edge_ack_delay(linger_s: float) -> float:
+    """How long an edge whose batches linger ``linger_s`` holds a QUIC ACK back."""
+    return min(max(linger_s, 0.001), EDGE_ACK_DELAY_MAX_S)
+
+
+def _ack_pending(quic: QuicConnection) -> float | None:
+    """When the pending 1-RTT ACK is due (None: none is pending)."""
+    space = quic._spaces.get(tls.Epoch.ONE_RTT)
+    return None if space is None else space.ack_at
+
+
+def _ack_with_next_packet(quic: QuicConnection, now: float) -> None:
+    """A pending 1-RTT ACK goes out in the next packet instead of waiting for its timer."""
+    space = quic._spaces.get(tls.Epoch.ONE_RTT)
+    if space is not None and space.ack_at is not None and space.ack_at > now:
+        space.ack_at = now
+
+
+def _count_for_ack(quic: QuicConnection, unacked: int, now: float) -> int:
+    """After a datagram in: how many wait for an ACK (ACK_EVERY of them: acknowledge now)."""
+    if _ack_pending(quic) is None:
+        return 0
+    unacked += 1
+    if unacked >= ACK_EVERY:
+        _ack_with_next_packet(quic, now)
+    return unacked
+
+
+class _EdgeQuic(QuicConnection):
+    """aioquic's client connection, advertising the longer max_ack_delay the edge uses."""
+
+    max_ack_delay_ms = 25
+
+    def _serialize_transport_parameters(self) -> bytes:
+        params = pull_quic_transport_parameters(
+            Buffer(data=super()._serialize_transport_parameters())
+        )
+        params.max_ack_delay = self.max_ack_delay_ms
+        buf = Buffer(capacity=4096)
+        push_quic_transport_parameters(buf, params)
+        return bytes(buf.data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +199,7 @@ class EdgeEndpoint:
         ticket: tls.SessionTicket | None = None,
         on_ticket: Callable[[tls.SessionTicket], None] | None = None,
         idle_timeout: float = 60.0,
+        ack_delay: float = 0.001,
     ) -> None:
         cfg = _base_config(True, idle_timeout)
         cfg.server_name = tls_files.server_name
@@ -135,7 +209,11 @@ class EdgeEndpoint:
         cfg.session_ticket = ticket
         self.session = session
         self.addr = addr
-        self.quic = QuicConnection(configuration=cfg, session_ticket_handler=on_ticket)
+        quic = _EdgeQuic(configuration=cfg, session_ticket_handler=on_ticket)
+        quic.max_ack_delay_ms = max(25, round(ack_delay * 1000) + _ADVERTISED_SLACK_MS)
+        self.quic: QuicConnection = quic
+        self._ack_delay = ack_delay  # in force once the handshake is done
+        self._unacked = 0  # ack-eliciting packets (datagrams) received since our last ACK
         self.packets_sent = 0
         self.packets_lost = 0
         self._count_packets()
@@ -151,13 +229,17 @@ class EdgeEndpoint:
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         """A UDP datagram from the hub."""
         self.quic.receive_datagram(data, addr, now)
+        self._unacked = _count_for_ack(self.quic, self._unacked, now)
         if addr[:2] == self.addr[:2]:
             self.session.heard(now)
         self._drain(now)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
         """UDP datagrams to send now."""
-        return [(d, a) for d, a in self.quic.datagrams_to_send(now)]
+        out = [(d, a) for d, a in self.quic.datagrams_to_send(now)]
+        if out and self._unacked and _ack_pending(self.quic) is None:
+            self._unacked = 0
+        return out
 
     def get_timer(self) -> float | None:
         """The earliest deadline of the QUIC connection and the session."""
@@ -222,6 +304,8 @@ class EdgeEndpoint:
     def _on_quic_event(self, ev: qe.QuicEvent, now: float) -> None:
         if isinstance(ev, qe.HandshakeCompleted):
             self.handshake_done = True
+            q: Any = self.quic
+            q._ack_delay = self._ack_delay
             self._events.append(Connected(ev.session_resumed, ev.early_data_accepted))
         elif isinstance(ev, qe.StreamDataReceived):
             if ev.stream_id != self._streams.get(CONTROL):
@@ -245,10 +329,15 @@ class EdgeEndpoint:
         self._events.append(lost)
 
     def _pump(self, now: float) -> None:
+        sending = False
         for channel, data in self.session.frames_to_send():
             self.quic.send_stream_data(self._stream_for(channel), data)
+            sending = True
         for data in self.session.datagrams_to_send():
             self.quic.send_datagram_frame(data)
+            sending = True
+        if sending:
+            _ack_with_next_packet(self.quic, now)
         while (ev := self.session.next_event()) is not None:
             self._events.append(ev)
             if isinstance(ev, SessionClosed) and not self.closed:
@@ -311,6 +400,7 @@ class HubConnection:
     timer: float | None = None
     handshake_deadline: float | None = None  # until the handshake completes
     settled: bool = False  # aioquic's spent handshake state released (release_spent_state)
+    unacked: int = 0  # datagrams waiting for our ACK (see ACK_EVERY)
 
     @property
     def peer_addr(self) -> Address:
@@ -396,12 +486,14 @@ class HubEndpoint:
             0,
         )
         self.accepting = True
+        self._last_now = 0.0  # the latest ``now`` given: for closes from outside (no clock)
         self.handshaking = 0  # connections not yet past their handshake (kept, not scanned)
 
     # -- datagrams in ---------------------------------------------------------
 
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         """A UDP datagram from anyone: routed, or answered statelessly, or counted and dropped."""
+        self._last_now = now
         try:
             header = pull_quic_header(
                 Buffer(data=data), host_cid_length=self._cfg.connection_id_length
@@ -433,6 +525,8 @@ class HubEndpoint:
             if conn is None:
                 return
         conn.quic.receive_datagram(data, addr, now)
+        if conn.handshake_done:
+            conn.unacked = _count_for_ack(conn.quic, conn.unacked, now)
         if _tls_backlog(conn.quic) > _MAX_TLS_BACKLOG:
             self.counters["tls_backlog_exceeded"] += 1
             error = int(QuicErrorCode.CRYPTO_BUFFER_EXCEEDED)  # a transport error: CRYPTO frame
@@ -534,6 +628,8 @@ class HubEndpoint:
             self._on_datagram(conn, ev.data)
         elif isinstance(ev, qe.HandshakeCompleted):
             conn.handshake_done = True
+            q: Any = conn.quic
+            q._ack_delay = HUB_ACK_DELAY_S
             self.handshaking -= 1
             conn.handshake_deadline = None
             self.counters["handshakes"] += 1
@@ -588,9 +684,10 @@ class HubEndpoint:
             frames = session.frames_to_send()
             # Stream 0 is the device's: until it has opened it (its HELLO), aioquic refuses to
             # send on it.  Only an ERROR can be due then, and the close below carries it too.
-            if 0 in conn.readers:
+            if 0 in conn.readers and frames:
                 for _, data in frames:
                     conn.quic.send_stream_data(0, data)
+                _ack_with_next_packet(conn.quic, now)
             closing: SessionClosed | None = None
             while (sev := session.next_event()) is not None:
                 if isinstance(sev, SessionClosed):
@@ -649,6 +746,7 @@ class HubEndpoint:
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
         """Every datagram due now, from every connection touched since the last call."""
+        self._last_now = now
         out, self._stateless = self._stateless, []
         out.extend(self._out)
         self._out = []
@@ -659,6 +757,8 @@ class HubEndpoint:
 
     def _take(self, conn: HubConnection, now: float) -> list[tuple[bytes, Address]]:
         out = [(d, a) for d, a in conn.quic.datagrams_to_send(now)]
+        if out and conn.unacked and _ack_pending(conn.quic) is None:
+            conn.unacked = 0
         if conn.quic._state is QuicConnectionState.TERMINATED:
             if not conn.closed:
                 self._terminated(conn, qe.ConnectionTerminated(0, None, "terminated"))
@@ -679,6 +779,7 @@ class HubEndpoint:
 
     def handle_timer(self, now: float) -> None:
         """Run every connection whose deadline has passed (each once per call)."""
+        self._last_now = now
         due: list[HubConnection] = []
         while self._timers and self._timers[0][0] <= now:
             t, cid = heapq.heappop(self._timers)
@@ -722,6 +823,7 @@ class HubEndpoint:
 
     def touch(self, conn: HubConnection, now: float) -> None:
         """The shell changed a session from outside (a commit finished): flush its output."""
+        self._last_now = now
         if not conn.closed:
             self._flush_session(conn, now)
 
@@ -731,7 +833,7 @@ class HubEndpoint:
             return
         if conn.session is not None:
             conn.session.fail(code, reason)
-            self._flush_session(conn, 0.0)
+            self._flush_session(conn, self._last_now)
         else:
             conn.quic.close(error_code=int(code), reason_phrase=reason)
             self._dirty[conn] = None
