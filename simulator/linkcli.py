@@ -250,7 +250,7 @@ async def _serve(args: argparse.Namespace, profiles: dict[str, Any]) -> str:
     control = f", control http://{device_key(proxy.control_addr)}" if proxy.control_addr else ""
     print(
         f"{_PROG}: {device_key(proxy.listen_addr)} -> {device_key(proxy.upstream_addr)}, "
-        f"profile {proxy.profile}, seed {args.seed}{control}",
+        f"profile {proxy.profile}, seed {args.seed}{control}, io {proxy.io_path}",
         flush=True,
     )
     try:

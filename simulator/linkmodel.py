@@ -417,6 +417,8 @@ class LinkDirection:
         self._jitter_z: float | None = None  # AR(1) state of the correlated jitter
         self._seq = 0
         self._counters = _Counters()
+        self._plain = self._is_plain(params)
+        self._last_fate = Fate(None, (math.nan,))  # the fast path's latest fate
 
     @property
     def params(self) -> LinkParams:
@@ -427,14 +429,48 @@ class LinkDirection:
         """Decide the fate of a ``size``-byte datagram offered at ``now`` (seconds)."""
         if size < 0:
             raise ValueError(f"packet size must be >= 0, got {size}")
-        fate = self._decide(now, size)
-        self._counters.count(now, size, fate)
+        p = self._params
+        if (
+            self._plain
+            and size <= p.mtu
+            and not self._forced_outage_from <= now < self._forced_outage_until
+        ):
+            # Fast path, same fate and random draws as _decide: only delay and jitter apply.
+            deliver = max(now, now + (p.delay_ms + self._jitter_ms()) / 1000.0)
+            if not p.allow_reorder and deliver < self._last_deliver:
+                deliver = self._last_deliver
+            if deliver > self._last_deliver:
+                self._last_deliver = deliver
+            fate = self._last_fate
+            if fate.deliver_at[0] != deliver:  # a Fate is immutable: the same one serves again
+                fate = self._last_fate = Fate(None, (deliver,))
+            c = self._counters
+            c.submitted_packets += 1
+            c.submitted_bytes += size
+            c.passed_packets += 1
+            c.passed_bytes += size
+            c.delay_total_s += deliver - now
+        else:
+            fate = self._decide(now, size)
+            self._counters.count(now, size, fate)
         if self._on_decision is not None:
             self._on_decision(
                 Decision(now, self.seed, self.device, self.direction, self._seq, size, fate)
             )
         self._seq += 1
         return fate
+
+    def _is_plain(self, p: LinkParams) -> bool:
+        """True when only delay and jitter act (and the mtu, and forced outages): no rate,
+        loss, scheduled outage, reordering, duplication or corruption in this direction."""
+        return (
+            p.loss.model == "none"
+            and p.rate_kbit_for(self.direction) == 0
+            and p.outage_every_s <= 0
+            and p.reorder_pct == 0
+            and p.duplicate_pct == 0
+            and p.corrupt_pct == 0
+        )
 
     def set_params(self, params: LinkParams, now: float) -> None:
         """Switch parameters at ``now``; queued bytes stay queued and drain at the new rate."""
@@ -443,6 +479,7 @@ class LinkDirection:
         if params.loss.model != self._params.loss.model:
             self._loss_state = self._initial_loss_state(params.loss)
         self._params = params
+        self._plain = self._is_plain(params)
         self._bytes_per_s = params.rate_kbit_for(self.direction) * 1000.0 / 8.0
         if self._bytes_per_s > 0 and backlog > 0:
             self._busy_until = now + backlog / self._bytes_per_s

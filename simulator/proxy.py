@@ -14,11 +14,16 @@ clients with different queueing delays). The core answers with the deliveries du
 ``now`` and the one deadline it needs next (:meth:`LinkProxyCore.get_timer`).
 
 **Shell** (:class:`LinkProxy`, made by :func:`start_proxy`): the model's ``now`` is
-seconds since the proxy started (CLOCK_MONOTONIC, read per datagram); non-blocking
-sockets read in batches; one upstream socket per client (a NAT binding: when the
-model's port epoch for a client moves on, the next packet to the hub goes out of a new
-socket, so the hub sees a new source port, and the old binding is closed); ONE asyncio
-timer for the earliest deadline; everything due sent in one pass. Optional pcap capture
+seconds since the proxy started (CLOCK_MONOTONIC, read once per batch received: the
+batch was all waiting by then); non-blocking sockets read in batches of up to 64 per
+system call (``recvmmsg``) and up to 4 calls per wakeup; one upstream socket per client
+(a NAT binding: when the model's port epoch for a client moves on, the next packet to
+the hub goes out of a new socket, so the hub sees a new source port, and the old
+binding is closed); ONE asyncio timer for the earliest deadline; everything due sent
+in one pass, batched per socket (``sendmmsg``, runs of equal-sized datagrams to one
+destination as one UDP GSO send). :mod:`simulator.mmsg` falls back to one call per
+datagram where those calls are missing; ``io_path``, ``/status`` and the
+``squall_link_io_info`` metric say which is in use. Optional pcap capture
 (:mod:`simulator.pcap`), decision log (JSON lines) and an HTTP control API
 (``/status``, ``/metrics``, ``/profile``, ``/outage``, ``/rebind``) bound to 127.0.0.1.
 
@@ -27,7 +32,8 @@ clients are dropped, result ``dropped_clients``), ``client_idle_s`` (a client wi
 packet either way and nothing in flight for that long is forgotten, its upstream socket
 closed), ``max_pending`` (datagrams in flight inside the proxy; beyond it a packet the
 model let through is dropped, result ``dropped_overflow``), pcap and decision-log file
-sizes (capture stops, skipped records are counted).
+sizes (capture stops, skipped records are counted). The I/O buffers are allocated once:
+64 x 64 KiB to receive into (a datagram is never cut), 2 x 256 KiB to send from.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import socket
 import time
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, TextIO
@@ -61,6 +67,7 @@ from simulator.linkmodel import (
     LinkParams,
     LinkStats,
 )
+from simulator.mmsg import MAX_DATAGRAM, DatagramReader, DatagramWriter
 from simulator.pcap import DEFAULT_PCAP_MAX_BYTES, PcapMark, PcapWriter
 from simulator.schedule import DueSchedule
 
@@ -71,6 +78,7 @@ __all__ = [
     "ClientInfo",
     "DecisionLog",
     "Delivery",
+    "DeliveryRun",
     "DirectionTally",
     "LinkProxy",
     "LinkProxyCore",
@@ -91,6 +99,10 @@ Delivery = tuple[Direction, Address, bytes, int, bool]
 For ``UP`` the port epoch is the client's NAT binding in force at send time; ``DOWN``
 deliveries go from the listen socket to the client and carry epoch 0.
 """
+
+DeliveryRun = tuple[Direction, Address, int, list[bytes], list[int]]
+"""Consecutive deliveries of one client and direction: (direction, client address, port
+epoch, payloads, indexes of the corrupted payloads)."""
 
 RESULTS: Final = (
     "passed",
@@ -138,8 +150,10 @@ _PCAP_MARK: Final = {
     "dropped_overflow": PcapMark.DROPPED_OVERFLOW,
 }
 _UP, _DOWN = Direction.UP, Direction.DOWN
-_RECV_BATCH: Final = 256  # datagrams read per readiness callback before yielding to the loop
-_RECV_SIZE: Final = 65535
+_RECV_BATCH: Final = 64  # datagrams per receive call (recvmmsg), into a 64 x 64 KiB arena
+_RECV_CALLS: Final = 4  # receive calls per readiness callback before yielding to the loop
+_SEND_BATCH: Final = 64  # messages per send call (sendmmsg)
+_SEND_ARENA: Final = 256 * 1024  # payload bytes per send call
 _LISTEN_BUFFER_BYTES: Final = 4 << 20  # asked for; the kernel caps it at net.core.*mem_max
 _STATUS_DEVICES: Final = 100  # clients listed in /status, most recently active first
 
@@ -246,6 +260,7 @@ class ProxyStats:
     pcap_skipped: int = 0
     decision_log_lines: int = 0
     decision_log_skipped: int = 0
+    io: str = ""  # the socket calls in use: "recvmmsg/sendmmsg+gso", ... "recvfrom/sendto"
 
     def direction(self, direction: Direction | str) -> DirectionTally:
         """The tally of ``up`` or ``down``."""
@@ -271,6 +286,7 @@ class ProxyStats:
                 "lines": self.decision_log_lines,
                 "skipped": self.decision_log_skipped,
             },
+            "io": self.io,
         }
 
     def summary(self) -> str:
@@ -358,6 +374,7 @@ class LinkProxyCore:
         self._schedules = {_UP: _Schedule(), _DOWN: _Schedule()}
         self._tallies = {_UP: Tally(), _DOWN: Tally()}
         self._seq = itertools.count()
+        self._popped: list[_Entry] = []  # reused by pop_due_runs
         self._pending = 0
         self._max_pending = self.limits.max_pending
         self._expired = 0
@@ -382,22 +399,61 @@ class LinkProxyCore:
 
     def from_client(self, addr: Address, data: bytes, now: float) -> str:
         """Offer a datagram from a device (direction up); returns its result label."""
-        client = self._clients.get(addr)
-        if client is None:
-            client = self._admit(addr, now)
-            if client is None:
-                return self._refuse(self._tallies[_UP], data)
-        else:
-            self._clients.move_to_end(addr)
-        return self._offer(client, client.link.up, _UP, data, now)
+        refused = self.offer_up([data], [addr], now)
+        return refused[0][1] if refused else "passed"
 
     def from_upstream(self, addr: Address, data: bytes, now: float) -> str:
         """Offer a datagram from the hub to client ``addr`` (direction down); returns its result."""
+        refused = self.offer_down(addr, [data], now)
+        return refused[0][1] if refused else "passed"
+
+    def offer_up(
+        self, datas: Sequence[bytes], addrs: Sequence[Address], now: float
+    ) -> list[tuple[int, str]]:
+        """Offer datagrams from devices (``datas[i]`` from ``addrs[i]``), all at ``now``.
+
+        Returns (index, result label) of each one that did not pass; the rest passed.
+        """
+        tally = self._tallies[_UP]
+        tally.bytes_in += sum(map(len, datas))
+        refused: list[tuple[int, str]] = []
+        clients = self._clients
+        i, n = 0, len(datas)
+        while i < n:
+            addr = addrs[i]
+            j = i + 1  # a run of datagrams from one client: looked up once
+            while j < n and (addrs[j] is addr or addrs[j] == addr):
+                j += 1
+            client = clients.get(addr)
+            if client is None:
+                client = self._admit(addr, now)
+            else:
+                clients.move_to_end(addr)
+            if client is None:
+                tally.packets["dropped_clients"] += j - i
+                refused += [(k, "dropped_clients") for k in range(i, j)]
+            else:
+                self._offer(client, client.link.up, _UP, datas, i, j, now, refused)
+            i = j
+        return refused
+
+    def offer_down(
+        self, addr: Address, datas: Sequence[bytes], now: float
+    ) -> list[tuple[int, str]]:
+        """Offer datagrams from the hub to client ``addr`` (direction down), all at ``now``.
+
+        Returns (index, result label) of each one that did not pass; the rest passed.
+        """
+        tally = self._tallies[_DOWN]
+        tally.bytes_in += sum(map(len, datas))
         client = self._clients.get(addr)
         if client is None:  # forgotten in the meantime: its NAT binding is gone
-            return self._refuse(self._tallies[_DOWN], data)
+            tally.packets["dropped_clients"] += len(datas)
+            return [(k, "dropped_clients") for k in range(len(datas))]
         self._clients.move_to_end(addr)
-        return self._offer(client, client.link.down, _DOWN, data, now)
+        refused: list[tuple[int, str]] = []
+        self._offer(client, client.link.down, _DOWN, datas, 0, len(datas), now, refused)
+        return refused
 
     def _admit(self, addr: Address, now: float) -> _Client | None:
         if len(self._clients) >= self.limits.max_clients:
@@ -410,56 +466,84 @@ class LinkProxyCore:
         self._clients[addr] = client
         return client
 
-    @staticmethod
-    def _refuse(tally: Tally, data: bytes) -> str:
-        tally.packets["dropped_clients"] += 1
-        tally.bytes_in += len(data)
-        return "dropped_clients"
-
     def _offer(
-        self, client: _Client, model: LinkDirection, direction: Direction, data: bytes, now: float
-    ) -> str:
+        self,
+        client: _Client,
+        model: LinkDirection,
+        direction: Direction,
+        datas: Sequence[bytes],
+        start: int,
+        stop: int,
+        now: float,
+        refused: list[tuple[int, str]],
+    ) -> None:
+        """Put ``datas[start:stop]`` of one client through its link model and schedule them."""
         # The per-packet path: kept flat, it is most of the proxy's CPU beside the syscalls.
-        tally = self._tallies[direction]
-        size = len(data)
-        tally.bytes_in += size
-        fate = model.submit(now, size)
-        cause = fate.drop_cause
-        if cause is not None:
-            label = _DROP_RESULT[cause]
-            tally.packets[label] += 1
-            if now > client.busy_until:
-                client.busy_until = now
-            return label
-        times = fate.deliver_at
-        copies = len(times)
-        if self._pending + copies > self._max_pending:
-            tally.packets["dropped_overflow"] += 1
-            return "dropped_overflow"
-        corrupt = fate.corrupt_bit is not None
-        payload = fate.apply(data) if corrupt else data
-        push = self._schedules[direction].push
-        for due in times:
-            push((due, next(self._seq), client, payload, now, corrupt))
-        self._pending += copies
-        last = times[-1] if copies == 1 else max(times)
-        if last > client.busy_until:
-            client.busy_until = last
-        packets = tally.packets
-        packets["passed"] += 1
-        if copies > 1:
-            packets["duplicated"] += 1
-        if corrupt:
-            packets["corrupted"] += 1
-        return "passed"
+        packets = self._tallies[direction].packets
+        schedule = self._schedules[direction]
+        push, fifo = schedule.push, schedule.fifo
+        submit, seq = model.submit, self._seq
+        pending, max_pending = self._pending, self._max_pending
+        busy = max(client.busy_until, now)  # a packet seen now
+        passed = 0
+        for k in range(start, stop):
+            data = datas[k]
+            fate = submit(now, len(data))
+            cause = fate.drop_cause
+            if cause is not None:
+                label = _DROP_RESULT[cause]
+                packets[label] += 1
+                refused.append((k, label))
+                continue
+            times = fate.deliver_at
+            copies = len(times)
+            if pending + copies > max_pending:
+                packets["dropped_overflow"] += 1
+                refused.append((k, "dropped_overflow"))
+                continue
+            passed += 1
+            pending += copies
+            if copies == 1 and fate.corrupt_bit is None:  # the usual case
+                due = times[0]
+                if fifo and due >= fifo[-1][0]:  # DueSchedule.push, inlined for its FIFO case
+                    fifo.append((due, next(seq), client, data, now, False))
+                else:
+                    push((due, next(seq), client, data, now, False))
+                if due > busy:
+                    busy = due
+                continue
+            corrupt = fate.corrupt_bit is not None
+            payload = fate.apply(data) if corrupt else data
+            for due in times:
+                push((due, next(seq), client, payload, now, corrupt))
+                if due > busy:
+                    busy = due
+            if copies > 1:
+                packets["duplicated"] += 1
+            if corrupt:
+                packets["corrupted"] += 1
+        packets["passed"] += passed
+        self._pending = pending
+        client.busy_until = busy
 
     # -- deliveries and deadlines ----------------------------------------------------------
 
     def pop_due(self, now: float) -> list[Delivery]:
         """Take every delivery due at or before ``now``, each direction in due order."""
-        out: list[Delivery] = []
-        entries: list[_Entry] = []
-        append = out.append
+        return [
+            (direction, addr, data, epoch, k in corrupt)
+            for direction, addr, epoch, payloads, corrupt in self.pop_due_runs(now)
+            for k, data in enumerate(payloads)
+        ]
+
+    def pop_due_runs(self, now: float) -> list[DeliveryRun]:
+        """Take every delivery due at or before ``now``: runs of one client's datagrams.
+
+        Each direction's runs come in due order; flattened, they are what
+        :meth:`pop_due` gives. A run is what one sendmmsg/GSO send can carry.
+        """
+        out: list[DeliveryRun] = []
+        entries = self._popped
         for direction, schedule in self._schedules.items():
             if not schedule.fifo and not schedule.heap:
                 continue
@@ -472,16 +556,24 @@ class LinkProxyCore:
             sent_bytes = 0
             up = direction is _UP
             last: _Client | None = None  # consecutive entries are often one client's
-            epoch = 0
-            for _, _, client, data, offered, corrupt in entries:
-                delay = now - offered
-                buckets[bisect_left(DELAY_BUCKETS, delay)] += 1
+            payloads: list[bytes] = []
+            corrupt: list[int] = []
+            offered_at, delay, bucket = math.nan, 0.0, 0
+            for _, _, client, data, offered, bad in entries:
+                if offered != offered_at:  # a batch read at once shares its arrival time
+                    offered_at, delay = offered, now - offered
+                    bucket = bisect_left(DELAY_BUCKETS, delay)
+                buckets[bucket] += 1
                 delay_sum += delay
                 sent_bytes += len(data)
-                if up and client is not last:
-                    epoch = client.link.current_port_epoch(now)
+                if client is not last:
                     last = client
-                append((direction, client.addr, data, epoch, corrupt))
+                    epoch = client.link.current_port_epoch(now) if up else 0
+                    payloads, corrupt = [], []
+                    out.append((direction, client.addr, epoch, payloads, corrupt))
+                if bad:
+                    corrupt.append(len(payloads))
+                payloads.append(data)
             tally.delay_sum += delay_sum
             tally.bytes_out += sent_bytes
             self._pending -= len(entries)
@@ -693,6 +785,9 @@ class LinkProxy:
         self._pcap = pcap
         self._decisions = decision_log
         self._ups: dict[Address, _Upstream] = {}
+        # Shared by every socket (each call copies out what it read): bounded, made once.
+        self._reader = DatagramReader(_RECV_BATCH, MAX_DATAGRAM)
+        self._writer = DatagramWriter(_SEND_BATCH, _SEND_ARENA)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self._rebinds = 0
@@ -722,6 +817,12 @@ class LinkProxy:
         """The profiles ``set_profile`` can switch to by name."""
         return dict(self._profiles)
 
+    @property
+    def io_path(self) -> str:
+        """The socket calls in use, receive/send: ``recvmmsg/sendmmsg+gso`` on Linux,
+        ``recvfrom/sendto`` where batched calls are missing (GSO is dropped when refused)."""
+        return f"{self._reader.path}/{self._writer.path}"
+
     def now(self) -> float:
         """The model clock: seconds since the proxy started."""
         return self._clock() - self._t0
@@ -738,6 +839,7 @@ class LinkProxy:
             pcap_skipped=pcap.skipped if pcap else 0,
             decision_log_lines=log.lines if log else 0,
             decision_log_skipped=log.skipped if log else 0,
+            io=self.io_path,
         )
 
     def clients(self, limit: int | None = None) -> list[ClientInfo]:
@@ -818,34 +920,36 @@ class LinkProxy:
     # -- I/O ---------------------------------------------------------------------------------
 
     def _on_listen_readable(self) -> None:
-        sock, core, clock, t0 = self._sock, self._core, self._clock, self._t0
-        for _ in range(_RECV_BATCH):
+        sock, core, clock, t0, reader = self._sock, self._core, self._clock, self._t0, self._reader
+        for _ in range(_RECV_CALLS):
             try:
-                data, addr = sock.recvfrom(_RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                break
+                datas, addrs = reader.recv_from(sock)
             except OSError:
                 continue
-            now = clock() - t0
-            result = core.from_client(addr, data, now)
-            if result != "passed":
-                self._record_drop(_UP, addr, data, now, result)
+            if not datas:
+                break
+            now = clock() - t0  # one arrival time per batch: all of it was waiting already
+            for k, result in core.offer_up(datas, addrs, now):
+                self._record_drop(_UP, addrs[k], datas[k], now, result)
+            if len(datas) < reader.batch:
+                break  # drained
         self._flush()
 
     def _on_upstream_readable(self, addr: Address, up: _Upstream) -> None:
-        sock, core, clock, t0 = up.sock, self._core, self._clock, self._t0
-        for _ in range(_RECV_BATCH):
+        sock, core, clock, t0, reader = up.sock, self._core, self._clock, self._t0, self._reader
+        for _ in range(_RECV_CALLS):
             try:
-                data = sock.recv(_RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
-                break
+                datas = reader.recv(sock)
             except OSError:  # ICMP port unreachable from the hub and the like
                 self._send_errors["up"] += 1
                 continue
+            if not datas:
+                break
             now = clock() - t0
-            result = core.from_upstream(addr, data, now)
-            if result != "passed":
-                self._record_drop(_DOWN, addr, data, now, result)
+            for k, result in core.offer_down(addr, datas, now):
+                self._record_drop(_DOWN, addr, datas[k], now, result)
+            if len(datas) < reader.batch:
+                break
         self._flush()
 
     def _record_drop(
@@ -874,43 +978,61 @@ class LinkProxy:
         if self._closed:
             return
         now = self._clock() - self._t0
-        deliveries = self._core.pop_due(now)
-        if deliveries:
-            self._send(deliveries, now)
+        runs = self._core.pop_due_runs(now)
+        if runs:
+            self._send(runs, now)
         for addr in self._core.expire_idle(now):
             up = self._ups.pop(addr, None)
             if up is not None:
                 self._close_upstream(up)
         self._arm()
 
-    def _send(self, deliveries: list[Delivery], now: float) -> None:
-        sock, ups, pcap = self._sock, self._ups, self._pcap
-        errors, up_dir = self._send_errors, _UP
-        for direction, addr, data, epoch, corrupt in deliveries:
-            if direction is up_dir:
-                up = ups.get(addr)
-                if up is None or up.epoch != epoch:
-                    up = self._open_upstream(addr, epoch)
-                    if up is None:
-                        continue
-                try:
-                    up.sock.send(data)
-                except OSError:
-                    errors["up"] += 1
+    def _send(self, runs: list[DeliveryRun], now: float) -> None:
+        """Up: one batch per client on its upstream socket; down: one batch on the listen socket."""
+        ups, writer, errors = self._ups, self._writer, self._send_errors
+        down: list[DeliveryRun] = []
+        for run in runs:
+            direction, addr, epoch, payloads, _ = run
+            if direction is not _UP:
+                down.append(run)
+                continue
+            up = ups.get(addr)
+            if up is None or up.epoch != epoch:
+                up = self._open_upstream(addr, epoch)
+                if up is None:
                     continue
-            else:
-                try:
-                    sock.sendto(data, addr)
-                except OSError:
-                    errors["down"] += 1
+            failed = writer.send(up.sock, payloads)
+            errors["up"] += len(failed)
+            if self._pcap is not None:
+                self._capture([run], failed, now)
+        if not down:
+            return
+        if len(down) == 1:
+            payloads, dests = down[0][3], [down[0][1]] * len(down[0][3])
+        else:
+            payloads = [data for run in down for data in run[3]]
+            dests = [run[1] for run in down for _ in run[3]]
+        failed = writer.send_to(self._sock, payloads, dests)
+        errors["down"] += len(failed)
+        if self._pcap is not None:
+            self._capture(down, failed, now)
+
+    def _capture(self, runs: list[DeliveryRun], failed: list[int], now: float) -> None:
+        """Write the datagrams of ``runs`` that went out (all but the ``failed`` indexes)."""
+        assert self._pcap is not None
+        pcap, hub, ts = self._pcap, self._upstream, self._wall0 + now
+        skip = set(failed)
+        i = 0
+        for direction, addr, _, payloads, corrupt in runs:
+            for k, data in enumerate(payloads):
+                if i + k in skip:
                     continue
-            if pcap is not None:
-                mark = PcapMark.CORRUPTED if corrupt else PcapMark.DELIVERED
-                ts = self._wall0 + now
+                mark = PcapMark.CORRUPTED if k in corrupt else PcapMark.DELIVERED
                 if direction is _UP:
-                    pcap.write_udp(ts, addr, self._upstream, data, mark=mark)
+                    pcap.write_udp(ts, addr, hub, data, mark=mark)
                 else:
-                    pcap.write_udp(ts, self._upstream, addr, data, mark=mark, upstream=False)
+                    pcap.write_udp(ts, hub, addr, data, mark=mark, upstream=False)
+            i += len(payloads)
 
     def _open_upstream(self, addr: Address, epoch: int) -> _Upstream | None:
         """A new NAT binding for ``addr``: a fresh socket (new source port), the old one closed."""
@@ -1061,6 +1183,12 @@ class _ProxyCollector:
             "Decisions not logged: size limit reached",
             value=stats.decision_log_skipped,
         )
+        recv, _, send = stats.io.partition("/")
+        io = GaugeMetricFamily(
+            "squall_link_io_info", "The socket calls in use (value 1)", labels=["recv", "send"]
+        )
+        io.add_metric([recv, send], 1)
+        yield io
 
 
 def direction_metrics(
@@ -1192,6 +1320,7 @@ async def start_proxy(
                 "params": asdict(params),
                 "listen": device_key(proxy.listen_addr),
                 "upstream": device_key(upstream_addr),
+                "io": proxy.io_path,
             }
         )
     if control_port is not None:

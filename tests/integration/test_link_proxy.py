@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -167,6 +168,32 @@ def test_lan_passes_everything_both_ways() -> None:
     run(main())
 
 
+def test_bursts_of_equal_sized_datagrams_arrive_as_sent() -> None:
+    """Bursts go out batched (sendmmsg, runs as one GSO send on Linux): same datagrams, order."""
+
+    async def main() -> None:
+        proxy, echo, client = await setup("lan")
+        for peer in (echo, client):  # they read one datagram per loop pass: room for bursts
+            assert peer.transport is not None
+            peer_sock = peer.transport.get_extra_info("socket")
+            peer_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2 << 20)
+        sent = [i.to_bytes(4, "big") + bytes(1196) for i in range(600)]
+        sent[99] = sent[99][:300]  # a shorter one ends a run
+        sent += [i.to_bytes(4, "big") for i in range(600, 700)]
+        await client.send_paced(sent, burst=50)
+        await settled(proxy, echo, client, len(sent))
+        assert echo.received == sent
+        assert client.received == sent
+        assert len(set(echo.sources)) == 1
+        stats = proxy.stats()
+        assert stats.send_errors == {"up": 0, "down": 0}
+        on_linux = sys.platform.startswith("linux")
+        assert proxy.io_path == ("recvmmsg/sendmmsg+gso" if on_linux else "recvfrom/sendto")
+        await proxy.close()
+
+    run(main())
+
+
 def test_bernoulli_loss_drops_its_share_and_counters_say_so() -> None:
     async def main() -> None:
         proxy, echo, client = await setup("loss20")
@@ -298,6 +325,10 @@ def test_profile_switch_status_and_metrics() -> None:
         count = [s for s in delay.samples if s.name.endswith("_count")]
         assert {s.labels["direction"]: s.value for s in count}["up"] == stats.up.delay_count
         assert families["squall_link_clients"].samples[0].value == 1
+        recv, send = proxy.io_path.split("/")
+        io = families["squall_link_io_info"].samples[0]
+        assert (io.labels, io.value) == ({"recv": recv, "send": send}, 1)
+        assert body["io"] == proxy.io_path
         await proxy.close()
 
     run(main())
@@ -472,3 +503,35 @@ def test_core_names_devices_from_the_mapping_else_host_port() -> None:
     assert core.device_for(B) == "truck-2"
     assert core.device_for(("10.0.0.2", 2001)) == "10.0.0.2:2001"
     assert core.device_for(("::1", 5, 0, 0)) == "[::1]:5"
+
+
+def test_core_batch_gives_the_fates_of_one_at_a_time_and_names_what_did_not_pass() -> None:
+    params = LinkParams(delay_ms=20, jitter_ms=5, loss=LossParams.bernoulli(30), mtu=150)
+    limits = ProxyLimits(max_clients=2)
+    one, batch = (LinkProxyCore(params, seed=3, limits=limits) for _ in range(2))
+    C = ("10.0.0.3", 3000)
+    addrs = [A, A, B, A, C, B, B, C, A] * 20
+    datas = [bytes(100 + 10 * (i % 7)) for i in range(len(addrs))]  # 160 bytes > mtu
+    expected = [one.from_client(addr, data, 1.0) for addr, data in zip(addrs, datas, strict=True)]
+    refused = batch.offer_up(datas, addrs, 1.0)
+    assert refused == [(i, r) for i, r in enumerate(expected) if r != "passed"]
+    assert {r for _, r in refused} == {"dropped_loss", "dropped_mtu", "dropped_clients"}
+    assert one.stats(1.0) == batch.stats(1.0)
+    assert one.pop_due(2.0) == batch.pop_due(2.0)
+    assert batch.offer_down(C, [b"x"], 2.0) == [(0, "dropped_clients")]  # never admitted
+    down = batch.offer_down(A, [b"a", b"b", bytes(200)], 2.0)
+    assert down[-1] == (2, "dropped_mtu")
+
+
+def test_core_runs_group_one_clients_deliveries_with_their_epoch() -> None:
+    core = LinkProxyCore(LinkParams(delay_ms=10, duplicate_pct=100))
+    core.offer_up([b"1", b"2", b"3"], [A, A, B], 0.0)
+    core.offer_down(A, [b"d"], 0.0)
+    core.rebind(0.005)
+    runs = core.pop_due_runs(0.01)
+    assert runs == [
+        (Direction.UP, A, 1, [b"1", b"1", b"2", b"2"], []),
+        (Direction.UP, B, 1, [b"3", b"3"], []),
+        (Direction.DOWN, A, 0, [b"d", b"d"], []),
+    ]
+    assert core.stats(0.01).pending == 0

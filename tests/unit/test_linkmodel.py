@@ -281,6 +281,29 @@ def test_different_device_keys_directions_and_seeds_give_different_fates() -> No
     assert base != other_device and base != other_seed and base != down
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        LinkParams(),
+        LinkParams(delay_ms=5, mtu=500),
+        LinkParams(delay_ms=50, jitter_ms=20),
+        LinkParams(delay_ms=50, jitter_ms=20, jitter_distribution="normal"),
+        LinkParams(delay_ms=5, jitter_ms=10, delay_correlation_pct=60, allow_reorder=True),
+    ],
+)
+def test_delay_only_fast_path_gives_the_fates_of_every_stage_in_turn(params: LinkParams) -> None:
+    fast, general = direction(params, seed=3), direction(params, seed=3)
+    assert fast._plain
+    general._plain = False  # the path every other profile takes
+    for d in (fast, general):
+        d.force_outage(1.0, 0.5)
+    for i in range(4000):
+        now, size = i * 0.0005 * (i % 3), 100 * (i % 8)  # bursts at one time; some > mtu
+        assert fast.submit(now, size) == general.submit(now, size)
+    assert fast.stats() == general.stats()
+    assert fast.stats().dropped_outage > 0
+
+
 def test_changing_jitter_does_not_change_which_packets_are_lost() -> None:
     loss = LossParams.bernoulli(10)
     calm = drive(direction(LinkParams(loss=loss)), n=5000)
