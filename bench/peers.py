@@ -33,7 +33,7 @@ devices).  Measured:
   first publish until the subscriber has everything, over the distinct records received;
   the publishers' and the subscriber's CPU are reported beside it;
 - p50/p99 publish-to-receive latency at the fixed rate (publish = the client call, so
-  Squall's includes its 50 ms group commit and 500 ms batching linger);
+  Squall's includes its 50 ms group commit and 1 s batching linger);
 - wire bytes per record, device side: a relay process in front of the server's port
   counts the bytes both ways (TCP payload incl. TLS; UDP payload for QUIC), over the
   records the server acknowledged;

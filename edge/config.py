@@ -45,7 +45,7 @@ class SenderSettings:
     """Batching and windows."""
 
     batch_max_records: int = 100
-    linger_ms: int = 500  # telemetry and bulk; the critical lane never waits
+    linger_ms: int = 1000  # telemetry and bulk; the critical lane never waits
     window_records: int = 2000
     heartbeat_s: float = 10.0
     idle_timeout_s: float = 60.0

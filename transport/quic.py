@@ -119,6 +119,18 @@ def _ack_with_next_packet(quic: QuicConnection, now: float) -> None:
         space.ack_at = now
 
 
+def _ack_held(quic: QuicConnection, now: float) -> bool:
+    """True when a datagram just in left an ACK pending for later: nothing need go out now.
+
+    Asking aioquic for datagrams costs ~100 us even when it has none, and after a batch
+    comes in the hub has none until the commit (its ACK waits for the commit ACK).  What
+    aioquic might still have -- a retransmission the datagram's ACK frame made due, a flow
+    control update -- goes out with the ACK, at most HUB_ACK_DELAY_S later.
+    """
+    at = _ack_pending(quic)
+    return at is not None and at > now and quic._state is QuicConnectionState.CONNECTED
+
+
 def _count_for_ack(quic: QuicConnection, unacked: int, now: float) -> int:
     """After a datagram in: how many wait for an ACK (ACK_EVERY of them: acknowledge now)."""
     if _ack_pending(quic) is None:
@@ -539,7 +551,7 @@ class HubEndpoint:
             self.counters["junk"] += 1
             self._forget(conn)
             return
-        self._after_input(conn, now)
+        self._after_input(conn, now, received=True)
 
     def _accept(self, header: Any, data: bytes, addr: Address, now: float) -> HubConnection | None:
         handshaking = self.handshaking
@@ -603,7 +615,7 @@ class HubEndpoint:
 
     # -- processing -------------------------------------------------------------
 
-    def _after_input(self, conn: HubConnection, now: float) -> None:
+    def _after_input(self, conn: HubConnection, now: float, received: bool = False) -> None:
         if conn.identity is None and conn.ticket_identity is not None:
             tls_ctx = getattr(conn.quic, "tls", None)
             if tls_ctx is not None and tls_ctx.session_resumed:
@@ -619,7 +631,7 @@ class HubEndpoint:
             held, conn.held = conn.held, []
             for sid, data in held:
                 self._on_stream_data(conn, sid, data, now)
-        self._flush_session(conn, now)
+        self._flush_session(conn, now, received)
 
     def _on_quic_event(self, conn: HubConnection, ev: qe.QuicEvent, now: float) -> None:
         if isinstance(ev, qe.StreamDataReceived):
@@ -678,8 +690,9 @@ class HubEndpoint:
         except WireError as exc:
             conn.session.fail(exc.code, exc.reason)
 
-    def _flush_session(self, conn: HubConnection, now: float) -> None:
+    def _flush_session(self, conn: HubConnection, now: float, received: bool = False) -> None:
         session = conn.session
+        frames: list[tuple[int, bytes]] = []
         if session is not None:
             frames = session.frames_to_send()
             # Stream 0 is the device's: until it has opened it (its HELLO), aioquic refuses to
@@ -697,7 +710,8 @@ class HubEndpoint:
                 self._dirty[conn] = None
                 self._out.extend(self._take(conn, now))  # the ERROR frame goes out first
                 conn.quic.close(error_code=int(closing.code), reason_phrase=closing.reason)
-        self._dirty[conn] = None
+        if not (received and not frames and conn.settled and _ack_held(conn.quic, now)):
+            self._dirty[conn] = None
         self._arm(conn)
 
     def _arm(self, conn: HubConnection) -> None:

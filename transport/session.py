@@ -253,8 +253,11 @@ class EdgeSession(_Core):
         if self.state is EdgeState.CLOSED:
             return
         self._linger_at = None
+        frames = len(self._frames)
         for lane_id in LANES:
             self._fill_lane(lane_id, self._lanes[lane_id], now)
+        if len(self._frames) > frames and now >= self._next_heartbeat - self.config.heartbeat_s / 2:
+            self._heartbeat(now)  # half due: it rides this batch's packet instead of its own
 
     def _fill_lane(self, lane_id: int, lane: _EdgeLane, now: float) -> None:
         cfg = self.config
@@ -332,13 +335,18 @@ class EdgeSession(_Core):
         for lane_id, lane in self._lanes.items():
             if lane.inflight and now >= lane.inflight[0].sent_at + lane.rto:
                 self._retransmit(lane_id, lane, now)
-        if self.state is EdgeState.ESTABLISHED and self._stats and now >= self._next_heartbeat:
-            stats = self._stats()
-            if self.credit_blocked():
-                stats["cb"] = 1
-            self._datagrams.append(encode_heartbeat(Heartbeat(stats)))
-            self._next_heartbeat = now + self.config.heartbeat_s
+        if now >= self._next_heartbeat:
+            self._heartbeat(now)
         self.poll(now)
+
+    def _heartbeat(self, now: float) -> None:
+        if self.state is not EdgeState.ESTABLISHED or not self._stats:
+            return
+        stats = self._stats()
+        if self.credit_blocked():
+            stats["cb"] = 1
+        self._datagrams.append(encode_heartbeat(Heartbeat(stats)))
+        self._next_heartbeat = now + self.config.heartbeat_s
 
     def heard(self, now: float) -> None:
         """Any packet from the hub arrived (QUIC ACKs count): the hub is alive."""

@@ -34,7 +34,7 @@ def test_alert_rules_example_loads() -> None:
 
 def test_edge_example_matches_the_code_and_its_defaults() -> None:
     cfg = build(EdgeConfig, load_yaml(CONFIG / "edge.yaml"), path="edge.yaml")
-    assert cfg.sender.linger_ms == 500 and cfg.spool.group_commit_ms == 50
+    assert cfg.sender.linger_ms == 1000 and cfg.spool.group_commit_ms == 50
     assert cfg.spool.durability == "batch" and cfg.inputs.syslog.max_message_bytes == 8192
 
 
