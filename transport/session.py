@@ -256,10 +256,19 @@ class EdgeSession(_Core):
         frames = len(self._frames)
         for lane_id in LANES:
             self._fill_lane(lane_id, self._lanes[lane_id], now)
-        if len(self._frames) > frames and now >= self._next_heartbeat - self.config.heartbeat_s / 2:
-            self._heartbeat(now)  # half due: it rides this batch's packet instead of its own
+        if len(self._frames) > frames:
+            # A packet goes out anyway: what is at least half due rides it instead of
+            # costing a packet of its own later -- other lanes' lingering records, and the
+            # heartbeat.
+            self._linger_at = None
+            for lane_id in LANES:
+                self._fill_lane(lane_id, self._lanes[lane_id], now, 0.5)
+            if now >= self._next_heartbeat - self.config.heartbeat_s / 2:
+                self._heartbeat(now)
 
-    def _fill_lane(self, lane_id: int, lane: _EdgeLane, now: float) -> None:
+    def _fill_lane(
+        self, lane_id: int, lane: _EdgeLane, now: float, linger_share: float = 1.0
+    ) -> None:
         cfg = self.config
         while True:
             room = min(
@@ -274,7 +283,7 @@ class EdgeSession(_Core):
             if count == 0 or oldest is None:
                 return
             linger = cfg.critical_linger_s if lane_id == Lane.CRITICAL else cfg.linger_s
-            if count < min(room, cfg.batch_max_records) and now < oldest + linger:
+            if count < min(room, cfg.batch_max_records) and now < oldest + linger * linger_share:
                 due = oldest + linger
                 self._linger_at = due if self._linger_at is None else min(self._linger_at, due)
                 return

@@ -361,3 +361,36 @@ def test_without_trust_a_device_from_another_hub_raises_a_false_alarm() -> None:
     assert hello.behind == {Lane.TELEMETRY: (40, 0)}
     accepted = [e for e in events if isinstance(e, BatchAccepted)]
     assert [(b.first_seq, b.last_seq) for b in accepted] == [(41, 50)]
+
+
+def test_what_is_half_due_rides_a_batch_that_goes_out_anyway() -> None:
+    """A full telemetry batch leaves at once; the bulk lane's records, lingering for more
+    than half their linger, and a heartbeat more than half due go with it (one packet, not
+    three).  Records lingering for less than half stay for their own batch."""
+    outbox = MemoryOutbox()
+    cfg = SenderConfig(batch_max_records=5, linger_s=1.0, heartbeat_s=10.0)
+    hub = HubSession("acme", "t1", DeviceLedger, 0.0)
+    edge = EdgeSession(outbox, 1, 0.0, cfg, lambda: {"q": 0})
+    _handshake(edge, hub)
+    edge.handle_timer(0.0)  # the first heartbeat is due at once
+    assert len(edge.datagrams_to_send()) == 1
+    outbox.add(Lane.BULK, Record(1, 0, "acme.t1.log"), 6.0)
+    edge.poll(6.0)
+    assert [f for _, f in edge.frames_to_send()] == []  # bulk lingers: 1 record, not 5
+    for seq in range(1, 6):
+        outbox.add(Lane.TELEMETRY, Record(seq, 0, "acme.t1.gps"), 6.6)
+    edge.poll(6.6)  # telemetry is full: it goes; bulk has lingered 0.6 s of 1 s
+    sent = [decode_frame(d) for _, d in edge.frames_to_send()]
+    assert sorted((f.lane, f.count) for f in sent if isinstance(f, Data)) == [
+        (Lane.TELEMETRY, 5),
+        (Lane.BULK, 1),
+    ]
+    assert len(edge.datagrams_to_send()) == 1  # the heartbeat due at 10 s, 6.6 s in
+    outbox.add(Lane.BULK, Record(2, 0, "acme.t1.log"), 6.7)
+    for seq in range(6, 11):
+        outbox.add(Lane.TELEMETRY, Record(seq, 0, "acme.t1.gps"), 6.8)
+    edge.poll(6.8)  # bulk has lingered 0.1 s: it waits; the heartbeat was just sent
+    sent = [decode_frame(d) for _, d in edge.frames_to_send()]
+    assert [(f.lane, f.count) for f in sent if isinstance(f, Data)] == [(Lane.TELEMETRY, 5)]
+    assert edge.datagrams_to_send() == []
+    assert edge.get_timer() == pytest.approx(7.7)  # bulk's own linger
