@@ -315,9 +315,20 @@ def _decode_column(column: Any, out: list[dict[str, Any]]) -> None:
 def _unpack_doc(codec: int, payload: bytes) -> list[Any]:
     if codec == CODEC_ZSTD:
         try:
+            # A frame that states its size is decompressed into a buffer of that size
+            # (max_output_size only bounds frames that do not): refuse a stated size over
+            # the limit before anything is allocated -- a few forged header bytes could
+            # otherwise ask for terabytes.
+            stated = zstandard.frame_content_size(payload)
+            if stated > MAX_BATCH_RAW_BYTES:
+                raise WireError(
+                    ErrorCode.LIMIT_EXCEEDED, f"batch states {stated} bytes once decompressed"
+                )
             raw = _decompressor().decompress(payload, max_output_size=MAX_BATCH_RAW_BYTES)
         except zstandard.ZstdError as exc:
             raise WireError(ErrorCode.BAD_COMPRESSION, f"zstd: {exc}") from exc
+        except MemoryError as exc:  # should zstd still fail to allocate: a typed error too
+            raise WireError(ErrorCode.BAD_COMPRESSION, "zstd: frame too large") from exc
     elif codec == CODEC_NONE:
         raw = payload
     else:

@@ -256,3 +256,24 @@ def test_validate_accepts_exactly_what_decode_accepts(
         except WireError as exc:
             outcomes.append(exc.code)
     assert (outcomes[0] is None) == (outcomes[1] is None), outcomes
+
+
+def test_a_forged_zstd_size_is_refused_before_anything_is_allocated() -> None:
+    """Found by the property test above: one flipped bit in the frame header turned a
+    2-byte stated content size into an 8-byte one of ~10^18 bytes, and zstd raised
+    MemoryError (an untyped crash of the hub's ingest) trying to allocate it."""
+    import zstandard
+
+    from transport.batchcodec import validate_batch
+    from transport.limits import MAX_BATCH_RAW_BYTES
+
+    records = [Record(i, 0, "acme.t1.telemetry.gps", {}, b"") for i in range(1, 40)]
+    codec, payload = encode_batch(records, compress=True)
+    # magic, then a frame header descriptor saying "single segment, 8-byte content size",
+    # then a stated size of 2**60 bytes, then what followed the original header
+    forged = payload[:4] + b"\xe0" + (1 << 60).to_bytes(8, "little") + payload[5:]
+    assert zstandard.frame_content_size(forged) == 1 << 60 > MAX_BATCH_RAW_BYTES
+    for fn in (validate_batch, decode_batch):
+        with pytest.raises(WireError) as err:
+            fn(codec, bytes(forged), 1, len(records))
+        assert err.value.code is ErrorCode.LIMIT_EXCEEDED
