@@ -102,7 +102,11 @@ class Net:
         return HubSession(ident.tenant, ident.device, ledger, now)
 
     def device(
-        self, name: str, ticket: tls.SessionTicket | None = None, records: int = 3
+        self,
+        name: str,
+        ticket: tls.SessionTicket | None = None,
+        records: int = 3,
+        ack_delay: float = 0.001,
     ) -> Device:
         cert, key = certs.make_device_cert(self.ca, self.ca_key, "acme", name)
         outbox = MemoryOutbox()
@@ -113,7 +117,13 @@ class Net:
         dev = Device(name, None, outbox, addr)  # type: ignore[arg-type]
         self.add_records(dev, records)
         dev.endpoint = EdgeEndpoint(
-            EdgeTls([self.ca], cert, key), session, HUB, self.now, ticket, dev.tickets.append
+            EdgeTls([self.ca], cert, key),
+            session,
+            HUB,
+            self.now,
+            ticket,
+            dev.tickets.append,
+            ack_delay=ack_delay,
         )
         self.devices[addr] = dev
         return dev
@@ -569,3 +579,34 @@ def test_acks_keep_flowing_for_a_busy_device_after_settling() -> None:
     net.run(2.0)
     assert acked(dev) == 1003 and len(net.stored) == 1003
     assert any(isinstance(e, Acked) for e in dev.events)
+
+
+def test_acks_ride_packets_sent_anyway_and_each_side_allows_for_the_others_delay() -> None:
+    """The hub's QUIC ACK goes in the packet with its commit ACK; the device's ACK of that
+    rides its next batch, or goes alone once its (advertised) ack delay is up."""
+    net = Net()
+    dev = net.device("t1", ack_delay=0.5)
+    net.run(2.0)
+    conn = net.connection(dev)
+    assert acked(dev) == 3
+    hub_loss: Any = conn.quic._loss
+    dev_loss: Any = dev.endpoint.quic._loss
+    assert hub_loss.max_ack_delay == pytest.approx(0.525)  # the device's 0.5 s + slack
+    assert tq.HUB_ACK_DELAY_S < dev_loss.max_ack_delay == pytest.approx(0.025)
+    down: list[Any] = []
+    real = net.hub.datagrams_to_send
+
+    def spy(now: float) -> list[Any]:
+        out = real(now)
+        down.extend(out)
+        return out
+
+    net.hub.datagrams_to_send = spy  # type: ignore[method-assign]
+    up0 = len(net.to_hub)
+    net.add_records(dev, 5)
+    net.run(0.2)  # batch 1 is committed and acknowledged; the device holds its QUIC ACK
+    net.add_records(dev, 5)
+    net.run(3.0)  # batch 2 carries that ACK; the ACK of commit ACK 2 goes alone at 0.5 s
+    assert acked(dev) == 13
+    assert len(net.to_hub) - up0 == 3  # two batches and one ACK (was four)
+    assert len(down) == 2  # two commit ACKs, each with the hub's QUIC ACK (was four)
