@@ -69,7 +69,7 @@ class Trial:
     committed_per_s: float
     accepted: int
     delivered: int
-    lost: int  # accepted but not in the hub's log when the vehicles stopped (still spooled)
+    undelivered: int  # accepted but not in the hub's log when the vehicles stopped (still spooled)
     duplicates: int
     drained: bool
     hub_cpu_s: float
@@ -80,7 +80,7 @@ class Trial:
         """The three conditions of the module docstring."""
         return (
             self.drained
-            and self.lost == 0
+            and self.undelivered == 0
             and self.duplicates == 0
             and self.committed_per_s >= 0.95 * self.offered_per_s
         )
@@ -208,7 +208,7 @@ def run_trial(
         hub_cpu = cpu_seconds(hub.pid) - hub_cpu0
         hub.stop_clean()
         per_device, copies = _log_counts(files.config.parent / "hub.db")
-        lost = sum(max(0, last - per_device.get(dev, 0)) for dev, last in accepted.items())
+        undelivered = sum(max(0, last - per_device.get(dev, 0)) for dev, last in accepted.items())
         return Trial(
             devices=devices,
             rate=rate,
@@ -217,7 +217,7 @@ def run_trial(
             committed_per_s=round((c1 - c0) / (w1 - w0), 1),
             accepted=sum(accepted.values()),
             delivered=sum(per_device.values()),
-            lost=lost,
+            undelivered=undelivered,
             duplicates=copies,
             drained=drained and len(accepted) == devices,
             hub_cpu_s=round(hub_cpu, 2),
@@ -245,7 +245,8 @@ def search(
             verdict = "kept up" if t.kept_up else "did NOT keep up"
             print(
                 f"  {size:5d} vehicles x {rate:g}/s on {profile}: offered {t.offered_per_s:8.0f}/s,"
-                f" committed {t.committed_per_s:8.0f}/s, undelivered {t.lost}, dup {t.duplicates},"
+                f" committed {t.committed_per_s:8.0f}/s, undelivered {t.undelivered},"
+                f" dup {t.duplicates},"
                 f" drained {t.drained}, hub CPU {t.hub_cpu_s:.0f} s -> {verdict}",
                 flush=True,
             )
