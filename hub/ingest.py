@@ -10,10 +10,16 @@ what they accepted and close; the edges resend).  Bounded: a group closes at
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from transport.events import BatchAccepted
-from transport.session import DeviceLedger
+from transport.quic import HubConnection, HubLimits
+from transport.session import DeviceLedger, HubSession, HubSessionConfig
+
+if TYPE_CHECKING:
+    from hub.config import DeviceLimits, ServerLimits
+
+Ledgers = dict[tuple[str, str], dict[int, DeviceLedger]]  # by (tenant, device), then incarnation
 
 K = TypeVar("K")
 
@@ -102,3 +108,47 @@ class GroupCommit(Generic[K]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+# -- what the hub shell and the virtual hub build alike from hub.yaml ---------------------
+
+
+def endpoint_limits(server: ServerLimits, limits: DeviceLimits) -> HubLimits:
+    """The QUIC endpoint's bounds from hub.yaml's ``server`` and ``limits``."""
+    return HubLimits(
+        max_connections=server.max_connections,
+        max_handshakes=server.max_handshakes,
+        busy_retry_after_ms=server.busy_retry_after_ms,
+        max_frame_bytes=limits.max_frame_bytes,
+        idle_timeout_s=server.idle_timeout_s,
+        handshake_timeout_s=server.handshake_timeout_s,
+    )
+
+
+def make_session(
+    conn: HubConnection,
+    now: float,
+    ledgers: Ledgers,
+    limits: DeviceLimits,
+    trust_edge_acks: bool = False,
+) -> HubSession:
+    """The session core of a device that just proved who it is, on its own ledgers (one
+    per incarnation, created on first use)."""
+    ident = conn.identity
+    assert ident is not None
+    per_device = ledgers.setdefault((ident.tenant, ident.device), {})
+
+    def ledger_for(incarnation: int) -> DeviceLedger:
+        ledger = per_device.get(incarnation)
+        if ledger is None:
+            ledger = per_device[incarnation] = DeviceLedger(incarnation)
+        return ledger
+
+    cfg = HubSessionConfig(
+        window_records=limits.window_records,
+        records_per_s=limits.records_per_s,
+        bytes_per_s=limits.bytes_per_s,
+        burst_s=limits.burst_s,
+        trust_edge_acks=trust_edge_acks,
+    )
+    return HubSession(ident.tenant, ident.device, ledger_for, now, cfg)

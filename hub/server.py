@@ -30,7 +30,7 @@ from typing import Any
 
 from hub.config import HubConfig
 from hub.consumers import Consumers
-from hub.ingest import Accepted, GroupCommit, LatencyHistogram
+from hub.ingest import Accepted, GroupCommit, LatencyHistogram, endpoint_limits, make_session
 from hub.jslog import JetStreamLog
 from hub.jspresence import JetStreamPresence
 from hub.log import Log, LogError, PendingBatch
@@ -54,10 +54,9 @@ from transport.quic import (
     DeviceEvent,
     HubConnection,
     HubEndpoint,
-    HubLimits,
     HubTls,
 )
-from transport.session import DeviceLedger, HubSession, HubSessionConfig
+from transport.session import DeviceLedger, HubSession
 
 log = logging.getLogger("squall.hub")
 
@@ -106,14 +105,7 @@ class Hub:
         self.group: GroupCommit[HubConnection] = GroupCommit(
             c.log.group_commit_ms / 1000, c.log.group_commit_records
         )
-        limits = HubLimits(
-            max_connections=c.server.max_connections,
-            max_handshakes=c.server.max_handshakes,
-            busy_retry_after_ms=c.server.busy_retry_after_ms,
-            max_frame_bytes=c.limits.max_frame_bytes,
-            idle_timeout_s=c.server.idle_timeout_s,
-            handshake_timeout_s=c.server.handshake_timeout_s,
-        )
+        limits = endpoint_limits(c.server, c.limits)
         self.endpoint = HubEndpoint(
             self.tls,
             self._make_session,
@@ -152,25 +144,8 @@ class Hub:
     # -- sessions ------------------------------------------------------------------
 
     def _make_session(self, conn: HubConnection, now: float) -> HubSession:
-        ident = conn.identity
-        assert ident is not None
-        per_device = self.ledgers.setdefault((ident.tenant, ident.device), {})
-        lim = self.config.limits
-
-        def ledger_for(incarnation: int) -> DeviceLedger:
-            led = per_device.get(incarnation)
-            if led is None:
-                led = per_device[incarnation] = DeviceLedger(incarnation)
-            return led
-
-        cfg = HubSessionConfig(
-            window_records=lim.window_records,
-            records_per_s=lim.records_per_s,
-            bytes_per_s=lim.bytes_per_s,
-            burst_s=lim.burst_s,
-            trust_edge_acks=self.jslog is not None,
-        )
-        return HubSession(ident.tenant, ident.device, ledger_for, now, cfg)
+        trust = self.jslog is not None  # shared log: another hub may have stored its records
+        return make_session(conn, now, self.ledgers, self.config.limits, trust_edge_acks=trust)
 
     def _authorize(self, ident: DeviceIdentity) -> None:
         if ident.device in self.denied or _serial_keys(ident.serial) & self.denied:

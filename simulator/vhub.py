@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hub.config import DeviceLimits, LogSettings, PresenceSettings, ServerLimits
 from hub.consumer import LogCursor
-from hub.ingest import Accepted, GroupCommit
+from hub.ingest import Accepted, GroupCommit, endpoint_limits, make_session
 from hub.log import Log, LogEntry, LogError, PendingBatch
 from hub.presence import Presence
 from simulator.vclock import wall_s
@@ -42,10 +42,9 @@ from transport.quic import (
     DeviceEvent,
     HubConnection,
     HubEndpoint,
-    HubLimits,
     HubTls,
 )
-from transport.session import DeviceLedger, HubSession, HubSessionConfig
+from transport.session import DeviceLedger, HubSession
 
 CONSUMER_NAME = "virtual-check"  # the durable consumer that checks delivery
 PRESENCE_TICK_S = 1.0  # as the asyncio hub: presence is re-evaluated once a second
@@ -82,14 +81,7 @@ class VirtualHub:
         self.group: GroupCommit[HubConnection] = GroupCommit(
             c.log.group_commit_ms / 1000, c.log.group_commit_records
         )
-        limits = HubLimits(
-            max_connections=c.server.max_connections,
-            max_handshakes=c.server.max_handshakes,
-            busy_retry_after_ms=c.server.busy_retry_after_ms,
-            max_frame_bytes=c.limits.max_frame_bytes,
-            idle_timeout_s=c.server.idle_timeout_s,
-            handshake_timeout_s=c.server.handshake_timeout_s,
-        )
+        limits = endpoint_limits(c.server, c.limits)
         self.endpoint = HubEndpoint(
             credentials,
             self._make_session,
@@ -174,24 +166,7 @@ class VirtualHub:
             self.counters[f"closed_{ev.code.name.lower()}"] += 1
 
     def _make_session(self, conn: HubConnection, now: float) -> HubSession:
-        ident = conn.identity
-        assert ident is not None
-        per_device = self.ledgers.setdefault((ident.tenant, ident.device), {})
-
-        def ledger_for(incarnation: int) -> DeviceLedger:
-            ledger = per_device.get(incarnation)
-            if ledger is None:
-                ledger = per_device[incarnation] = DeviceLedger(incarnation)
-            return ledger
-
-        lim = self.settings.limits
-        cfg = HubSessionConfig(
-            window_records=lim.window_records,
-            records_per_s=lim.records_per_s,
-            bytes_per_s=lim.bytes_per_s,
-            burst_s=lim.burst_s,
-        )
-        return HubSession(ident.tenant, ident.device, ledger_for, now, cfg)
+        return make_session(conn, now, self.ledgers, self.settings.limits)
 
     # -- group commit ------------------------------------------------------------------
 
