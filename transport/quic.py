@@ -119,6 +119,11 @@ def _ack_with_next_packet(quic: QuicConnection, now: float) -> None:
         space.ack_at = now
 
 
+def _count_after_send(quic: QuicConnection, unacked: int) -> int:
+    """After datagrams went out: none wait for an ACK any more if one of them carried it."""
+    return unacked if unacked and _ack_pending(quic) is not None else 0
+
+
 def _ack_held(quic: QuicConnection, now: float) -> bool:
     """True when a datagram just in left an ACK pending for later: nothing need go out now.
 
@@ -249,8 +254,8 @@ class EdgeEndpoint:
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
         """UDP datagrams to send now."""
         out = [(d, a) for d, a in self.quic.datagrams_to_send(now)]
-        if out and self._unacked and _ack_pending(self.quic) is None:
-            self._unacked = 0
+        if out:
+            self._unacked = _count_after_send(self.quic, self._unacked)
         return out
 
     def get_timer(self) -> float | None:
@@ -771,8 +776,8 @@ class HubEndpoint:
 
     def _take(self, conn: HubConnection, now: float) -> list[tuple[bytes, Address]]:
         out = [(d, a) for d, a in conn.quic.datagrams_to_send(now)]
-        if out and conn.unacked and _ack_pending(conn.quic) is None:
-            conn.unacked = 0
+        if out:
+            conn.unacked = _count_after_send(conn.quic, conn.unacked)
         if conn.quic._state is QuicConnectionState.TERMINATED:
             if not conn.closed:
                 self._terminated(conn, qe.ConnectionTerminated(0, None, "terminated"))
