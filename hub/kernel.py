@@ -371,7 +371,7 @@ class Kernel:
         if queue.private:
             self._remove(queue)
             return
-        if not queue.subscribers:
+        if not queue.subscribers and not queue.pinned:
             self._idle[queue.key] = now
         self._dispatch(queue)
 
