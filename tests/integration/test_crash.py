@@ -125,12 +125,21 @@ def test_edge_sigkill_over_lossy_link_loses_and_doubles_nothing(tmp_path: Path, 
 
 def test_hub_sigkill_during_ingest_from_20_devices(tmp_path: Path, pki: Path) -> None:
     """...and the hub's own archive consumer, killed with it, writes each record once."""
-    archive = {"name": "archive", "directory": str(tmp_path / "archive")}
+    # two tenants, and files small enough that the archive rotates around the kill
+    archive = {"name": "archive", "directory": str(tmp_path / "archive"), "rotate_bytes": 20000}
     hub_cfg = write_hub_config(tmp_path, pki, archives=[archive])
     hub_addr = yaml.safe_load(hub_cfg.read_text())["listen"]
     link_port = free_port()
     configs = [
-        str(write_edge_config(tmp_path, pki, f"t{i:02d}", [f"127.0.0.1:{link_port}"]))
+        str(
+            write_edge_config(
+                tmp_path,
+                pki,
+                f"t{i:02d}",
+                [f"127.0.0.1:{link_port}"],
+                tenant="globex" if i % 4 == 0 else "acme",
+            )
+        )
         for i in range(20)
     ]
     hub = start_hub(hub_cfg, tmp_path)
@@ -175,11 +184,15 @@ def test_hub_sigkill_during_ingest_from_20_devices(tmp_path: Path, pki: Path) ->
         seqs = streams[0]
         assert len(seqs) == len(set(seqs)), f"{device}: duplicates in the log"
         assert sorted(seqs) == list(range(1, last_seq + 1)), f"{device}: records missing"
-    lines = [
-        json.loads(line)
+    tenant_lines = [
+        (path.name, json.loads(line))
         for path in sorted((tmp_path / "archive").glob("*.jsonl"))
         for line in path.read_text().splitlines()
     ]
+    lines = [r for _, r in tenant_lines]
+    files = {path.name for path in (tmp_path / "archive").glob("*.jsonl")}
+    assert {"acme.1.jsonl", "globex.jsonl"} <= files, f"no rotation or no second tenant: {files}"
+    assert all(r["subject"].split(".")[0] == p.split(".")[0] for p, r in tenant_lines), "mixed"
     archived = collections.Counter(
         (r["device"], r["seq"]) for r in lines if not r["subject"].endswith(".presence")
     )
