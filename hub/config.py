@@ -19,6 +19,9 @@ from hub.subjects import validate_pattern
 from hub.syslogfwd import SyslogForwardSettings
 from transport.configload import build, load_yaml
 from transport.errors import ConfigError, SquallError
+from transport.quic import DEFAULT_MAX_STREAMS
+
+MAX_STREAMS_CEILING = 128  # aioquic's stream credit per direction: more could never be opened
 
 
 @dataclass(slots=True)
@@ -39,6 +42,8 @@ class DeviceLimits:
     burst_s: float = 2.0
     window_records: int = 8000
     max_frame_bytes: int = 1 << 20
+    # streams a device may open (control + one per lane it uses); one more: PROTOCOL_VIOLATION
+    max_streams: int = DEFAULT_MAX_STREAMS
 
     def validate(self) -> None:
         """Reject impossible values."""
@@ -46,6 +51,11 @@ class DeviceLimits:
             raise ValueError("limits.window_records must be at least 100")
         if not 1024 <= self.max_frame_bytes <= 1 << 20:
             raise ValueError("limits.max_frame_bytes must be within 1024..1048576")
+        if not 2 <= self.max_streams <= MAX_STREAMS_CEILING:
+            raise ValueError(
+                f"limits.max_streams must be within 2..{MAX_STREAMS_CEILING} (the control "
+                f"stream and at least one lane; {DEFAULT_MAX_STREAMS} carries all three lanes)"
+            )
 
 
 @dataclass(slots=True)

@@ -56,10 +56,20 @@ class HubCollector:
         hs.add_metric(["fresh"], c["handshakes_fresh"])
         hs.add_metric(["resumed"], c["handshakes_resumed"])
         yield hs
+        yield counter(
+            "squall_hub_handshakes_early_data",
+            "Resumed handshakes whose 0-RTT data was accepted (part of kind=resumed)",
+            ep["early_data"],
+        )
         yield counter("squall_hub_records_in", "Records accepted from devices", c["records_in"])
         yield counter("squall_hub_records_committed", "Records committed", c["records_committed"])
-        yield counter("squall_hub_bytes_in", "DATA bytes received", c["bytes_in"])
+        yield counter("squall_hub_received_bytes", "DATA frame bytes received", c["received_bytes"])
         yield counter("squall_hub_duplicates", "Duplicate records not stored", c["duplicates"])
+        yield counter(
+            "squall_hub_out_of_order_batches",
+            "Batches past a gap, dropped for the edge to resend (counted as sessions end)",
+            c["out_of_order"],
+        )
         yield counter("squall_hub_commits", "Group commits", c["commits"])
         yield counter("squall_hub_junk_datagrams", "Datagrams that are not QUIC", ep["junk"])
         yield counter(
@@ -83,7 +93,11 @@ class HubCollector:
         yield counter(
             "squall_hub_behind", "Devices that had acked records this hub lacks", c["hub_behind"]
         )
-        errors = CounterMetricFamily("squall_hub_errors", "Session errors by code", labels=["code"])
+        errors = CounterMetricFamily(
+            "squall_hub_errors",
+            "Session errors by code (QUIC_0x..: QUIC-level closes; EDGE_...: the device's close)",
+            labels=["code"],
+        )
         for code, n in sorted(hub.errors.items()):
             errors.add_metric([code], n)
         yield errors
@@ -93,7 +107,14 @@ class HubCollector:
         for state, n in hub.presence.counts().items():
             pres.add_metric([state], n)
         yield pres
+        yield counter(
+            "squall_hub_presence_forgotten",
+            "Devices forgotten beyond presence.max_devices",
+            hub.presence.forgotten,
+        )
+        yield from ticket_metrics(hub)
         yield self._commit_histogram()
+        yield from log_metrics(hub)
         if hub.subs is not None:
             yield from kernel_metrics(hub)
         yield from jetstream_metrics(hub)
@@ -105,6 +126,54 @@ class HubCollector:
         return HistogramMetricFamily(
             "squall_hub_commit_seconds", "Group commit latency", buckets=buckets, sum_value=h.sum
         )
+
+
+def ticket_metrics(hub: Hub) -> Iterator[Metric]:
+    """The resumption ticket store: held now, issued, refused, evicted at its bound."""
+    t = hub.endpoint.tickets
+    yield GaugeMetricFamily("squall_hub_tickets", "Resumption tickets held", value=len(t))
+    yield CounterMetricFamily("squall_hub_tickets_issued", "Tickets issued", value=t.issued)
+    yield CounterMetricFamily(
+        "squall_hub_tickets_unknown",
+        "Resumptions refused: ticket unknown, used or evicted (a full handshake follows)",
+        value=t.unknown,
+    )
+    yield CounterMetricFamily(
+        "squall_hub_tickets_evicted",
+        "Tickets dropped, oldest first, beyond server.max_tickets",
+        value=t.evicted,
+    )
+
+
+def log_metrics(hub: Hub) -> Iterator[Metric]:
+    """The SQLite log: what it holds, what retention removed (nothing with jetstream)."""
+    if hub.jslog is not None:
+        return
+    st = hub.log.stats()
+    yield GaugeMetricFamily("squall_hub_log_stored_bytes", "Payload bytes in the log", st.bytes)
+    yield GaugeMetricFamily("squall_hub_log_stored_records", "Records in the log", st.records)
+    yield CounterMetricFamily(
+        "squall_hub_log_retention_removed_records",
+        "Records retention removed by age or size (unread ones also in dropped_unconsumed)",
+        value=st.retention_records_removed,
+    )
+    yield CounterMetricFamily(
+        "squall_hub_log_dropped_unconsumed_records",
+        "Records removed past retention_hard_max_bytes before every durable consumer read them",
+        value=st.dropped_unconsumed,
+    )
+    yield CounterMetricFamily(
+        "squall_hub_log_retention_blocked",
+        "Retention passes held back by a durable consumer that has not read the oldest records",
+        value=st.retention_blocked,
+    )
+    passes = hub.counters["retention_passes"]
+    yield CounterMetricFamily("squall_hub_log_retention_passes", "Retention passes", value=passes)
+    yield CounterMetricFamily(
+        "squall_hub_log_incarnations_dropped",
+        "Device incarnations whose dedup marks were forgotten (beyond the per-device bound)",
+        value=st.incarnations_dropped,
+    )
 
 
 def jetstream_metrics(hub: Hub) -> Iterator[Metric]:

@@ -120,6 +120,7 @@ def endpoint_limits(server: ServerLimits, limits: DeviceLimits) -> HubLimits:
         max_handshakes=server.max_handshakes,
         busy_retry_after_ms=server.busy_retry_after_ms,
         max_frame_bytes=limits.max_frame_bytes,
+        max_streams=limits.max_streams,
         idle_timeout_s=server.idle_timeout_s,
         handshake_timeout_s=server.handshake_timeout_s,
     )
@@ -152,3 +153,30 @@ def make_session(
         trust_edge_acks=trust_edge_acks,
     )
     return HubSession(ident.tenant, ident.device, ledger_for, now, cfg)
+
+
+# -- retention pacing (sans-I/O): how much one pass removes, and when the next one runs ----
+
+RETENTION_PERIOD_S = 5.0  # between passes while the log is within its limits
+RETENTION_PASS_BYTES = 8 << 20  # payload one pass aims to remove (~40 ms of SQLite work)
+RETENTION_DUTY = 0.2  # while catching up, passes take at most this share of the hub's time
+RETENTION_MIN_PAUSE_S = 0.01
+
+
+def retention_rows(rows: int, stored_bytes: int, pass_bytes: int, max_rows: int) -> int:
+    """Batches one retention pass may remove: about ``pass_bytes`` of payload at the log's
+    average batch size, at least 1 and at most ``max_rows`` (a deletion's cost follows its
+    bytes, and batches range from one record to a whole frame)."""
+    if rows <= 0 or stored_bytes <= 0:
+        return max_rows
+    average = stored_bytes / rows
+    return max(1, min(max_rows, int(pass_bytes / average)))
+
+
+def retention_delay(removed: int, cap: int, elapsed_s: float, period_s: float) -> float:
+    """Seconds until the next pass: soon while the last one hit its cap (a backlog is left),
+    paced so that passes take at most RETENTION_DUTY of the time; else ``period_s``."""
+    if removed < cap:
+        return period_s
+    pause = elapsed_s * (1 - RETENTION_DUTY) / RETENTION_DUTY
+    return min(period_s, max(RETENTION_MIN_PAUSE_S, pause))

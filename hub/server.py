@@ -30,10 +30,20 @@ from typing import Any
 
 from hub.config import HubConfig
 from hub.consumers import Consumers
-from hub.ingest import Accepted, GroupCommit, LatencyHistogram, endpoint_limits, make_session
+from hub.ingest import (
+    RETENTION_PASS_BYTES,
+    RETENTION_PERIOD_S,
+    Accepted,
+    GroupCommit,
+    LatencyHistogram,
+    endpoint_limits,
+    make_session,
+    retention_delay,
+    retention_rows,
+)
 from hub.jslog import JetStreamLog
 from hub.jspresence import JetStreamPresence
-from hub.log import Log, LogError, PendingBatch
+from hub.log import RETENTION_MAX_ROWS, Log, LogError, PendingBatch
 from hub.presence import Presence, PresenceChange
 from hub.websub import SubscriptionService
 from transport import certs
@@ -113,7 +123,11 @@ class Hub:
             limits,
             tickets=TicketStore(c.server.max_tickets),
         )
-        self.denied: set[str] = set()
+        self.denied: set[str] = set()  # deny-list entries as written (device ids match exactly)
+        self._denied_serials: set[str] = set()  # the same, lowercased (hex serials in any case)
+        # retention pacing (tests shorten or lengthen them): see hub.ingest.retention_delay
+        self.retention_period_s = RETENTION_PERIOD_S
+        self.retention_pass_bytes = RETENTION_PASS_BYTES
         self.live: dict[tuple[str, str], HubConnection] = {}
         self.counters: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
@@ -148,7 +162,7 @@ class Hub:
         return make_session(conn, now, self.ledgers, self.config.limits, trust_edge_acks=trust)
 
     def _authorize(self, ident: DeviceIdentity) -> None:
-        if ident.device in self.denied or _serial_keys(ident.serial) & self.denied:
+        if ident.device in self.denied or _serial_keys(ident.serial) & self._denied_serials:
             raise AuthError(f"device {ident.tenant}/{ident.device} is revoked")
 
     def reload_deny_list(self) -> int:
@@ -162,10 +176,11 @@ class Hub:
                 log.error("cannot read deny list %s: %s", path, exc)
                 return len(self.denied)
             for line in text.splitlines():
-                item = line.split("#", 1)[0].strip().lower()
+                item = line.split("#", 1)[0].strip()
                 if item:
                     entries.add(item)
         self.denied = entries
+        self._denied_serials = {e.lower() for e in entries}
         for conn in list(self.endpoint.connections.values()):
             if conn.identity is None:
                 continue
@@ -188,7 +203,7 @@ class Hub:
             elif isinstance(ev, DeviceConnected):
                 self._on_connected(ev.conn, wall)
             elif isinstance(ev, DeviceDisconnected):
-                self._on_disconnected(ev.conn, wall)
+                self._on_disconnected(ev, wall)
         if self.group.due(now):
             self._commit()
         elif len(self.group) and self._commit_timer is None:
@@ -210,7 +225,12 @@ class Hub:
         addr = conn.peer_addr
         self.presence.connected(ident.tenant, ident.device, f"{addr[0]}:{addr[1]}", wall)
 
-    def _on_disconnected(self, conn: HubConnection, wall: float) -> None:
+    def _on_disconnected(self, ev: DeviceDisconnected, wall: float) -> None:
+        conn = ev.conn
+        if ev.error:  # a close no session event reported (QUIC error, idle timeout, the edge's)
+            self.errors[ev.error] += 1
+        if conn.session is not None:
+            self.counters["out_of_order"] += conn.session.out_of_order
         ident = conn.identity
         if ident is None or not conn.handshake_done:
             return
@@ -229,7 +249,7 @@ class Hub:
                 Accepted(conn, ident.tenant, ident.device, session.ledger, ev, wall), now
             )
             self.counters["records_in"] += ev.count
-            self.counters["bytes_in"] += ev.wire_bytes
+            self.counters["received_bytes"] += ev.wire_bytes
             self.presence.heard(ident.tenant, ident.device, wall, ev.last_seq, ev.count)
         elif isinstance(ev, HelloReceived) and ev.behind:
             self.counters["hub_behind"] += 1
@@ -434,7 +454,7 @@ class Hub:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._every(1.0, self._tick)))
         if self._log is not None:
-            self._tasks.append(loop.create_task(self._every(60.0, self._retention)))
+            self._tasks.append(loop.create_task(self._retention_loop()))
         self.ready = True
 
     async def _open_jetstream(self, jslog: JetStreamLog) -> None:
@@ -469,12 +489,34 @@ class Hub:
         self.presence.tick(time.time())
         self.publish_presence(self.presence.take_changes())
 
-    def _retention(self) -> None:
+    async def _retention_loop(self) -> None:
+        """Retention passes: one at start, then every ``retention_period_s``; while a pass
+        hits its cap (a backlog: ingest outran it, or the hub was down) the next one comes
+        soon, paced to a bounded share of the loop (hub.ingest.retention_delay)."""
+        delay = 0.0
+        while True:
+            await asyncio.sleep(delay)
+            t0 = time.perf_counter()
+            try:
+                removed, cap = self._retention()
+            except Exception:  # a periodic job must not take the hub down; it is logged
+                log.exception("retention pass failed")
+                self.errors["INTERNAL"] += 1
+                removed, cap = 0, 1
+            elapsed = time.perf_counter() - t0
+            delay = retention_delay(removed, cap, elapsed, self.retention_period_s)
+
+    def _retention(self) -> tuple[int, int]:
+        """One pass; returns (batches removed, the pass's cap)."""
         # never drop what a durable consumer has not read yet (unless the hard size limit says so)
         # (jetstream: the stream's own max_age_s / max_bytes apply; this is not scheduled)
         offsets = self.log.consumer_offsets()
         protect = min(offsets.values()) + 1 if offsets else None
-        self.log.apply_retention(time.time(), protect_from=protect)
+        st = self.log.stats()
+        cap = retention_rows(st.rows, st.bytes, self.retention_pass_bytes, RETENTION_MAX_ROWS)
+        removed = self.log.apply_retention(time.time(), protect_from=protect, max_rows=cap)
+        self.counters["retention_passes"] += 1
+        return removed, cap
 
     async def stop(self) -> None:
         """Stop accepting, finish commits, close sessions with GOING_AWAY, close the log."""

@@ -54,7 +54,7 @@ from transport.certs import DeviceIdentity, PrivateKey
 from transport.errors import ErrorCode, WireError
 from transport.events import SessionClosed, SessionEvent
 from transport.limits import ALPN, MAX_FRAME_BYTES, MAX_HEARTBEAT_BYTES
-from transport.session import CONTROL, EdgeSession, HubSession
+from transport.session import CONTROL, EdgeSession, HubSession, HubState
 from transport.wire import FrameReader, decode_datagram
 
 Address = tuple[Any, ...]
@@ -81,7 +81,7 @@ _REFUSED_MEMORY = 8192  # refused Initial DCIDs remembered; beyond: the oldest a
 # whatever length the peer claims (up to 16 MiB), even before the peer has authenticated.
 _MAX_TLS_BACKLOG = 64 * 1024
 _RETRY_RE = re.compile(r"retry-after-ms=(\d+)")
-_MAX_STREAMS = 4  # control + three lanes
+DEFAULT_MAX_STREAMS = 4  # streams a device may open: control + three lanes
 
 # ACKs (RFC 9000 section 13.2).  aioquic acknowledges every ack-eliciting packet 1 ms after
 # it arrives, in a packet of its own, and adds a pending ACK to a data packet only once it
@@ -396,6 +396,7 @@ class HubLimits:
     idle_timeout_s: float = 90.0  # silent connections are dropped by QUIC
     max_pending_frames: int = 64  # frames held before the identity is known; beyond: close
     handshake_timeout_s: float = 10.0  # unfinished by then: dropped, its handshake slot freed
+    max_streams: int = DEFAULT_MAX_STREAMS  # per device; one more: PROTOCOL_VIOLATION, close
 
 
 @dataclass(eq=False, slots=True)
@@ -435,11 +436,17 @@ class DeviceConnected:
 
 @dataclass(frozen=True, slots=True)
 class DeviceDisconnected:
-    """Hub: a device connection ended."""
+    """Hub: a device connection ended.
+
+    ``error`` is the errors-by-code label of a close that no session event reported (a QUIC
+    transport error, the idle timeout, the device's own application close after the
+    handshake): ``QUIC_0x..``, ``QUIC_IDLE_TIMEOUT`` or ``EDGE_<code>``; "" for none.
+    """
 
     conn: HubConnection
     code: int
     reason: str
+    error: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,6 +504,7 @@ class HubEndpoint:
                 "auth_failed",
                 "handshakes",
                 "resumed",
+                "early_data",
                 "handshake_timeouts",
                 "tls_backlog_exceeded",
             ),
@@ -651,6 +659,7 @@ class HubEndpoint:
             conn.handshake_deadline = None
             self.counters["handshakes"] += 1
             self.counters["resumed"] += int(ev.session_resumed)
+            self.counters["early_data"] += int(ev.early_data_accepted)
             if conn.identity is not None:
                 conn.settled = release_spent_state(conn.quic)
                 self._events.append(DeviceConnected(conn))
@@ -675,7 +684,7 @@ class HubEndpoint:
             return
         reader = conn.readers.get(sid)
         if reader is None:
-            if sid % 4 != 0 or len(conn.readers) >= _MAX_STREAMS:
+            if sid % 4 != 0 or len(conn.readers) >= self.limits.max_streams:
                 conn.session.fail(ErrorCode.PROTOCOL_VIOLATION, f"unexpected stream {sid}")
                 return
             reader = conn.readers[sid] = FrameReader(self.limits.max_frame_bytes)
@@ -741,13 +750,17 @@ class HubEndpoint:
         if conn.closed:
             return
         conn.closed = True
+        error = ""
         if conn.session is not None:
+            if ev.error_code and conn.handshake_done and conn.session.state is not HubState.CLOSED:
+                error = uncounted_close_label(ev)  # the session did not end it: say why
             conn.session.close(ErrorCode.NO_ERROR, ev.reason_phrase or "")
             while (sev := conn.session.next_event()) is not None:
                 self._events.append(DeviceEvent(conn, sev))
         if not conn.handshake_done and ev.error_code >= QuicErrorCode.CRYPTO_ERROR:
             self.counters["auth_failed"] += 1
-        self._events.append(DeviceDisconnected(conn, ev.error_code, ev.reason_phrase or ""))
+        reason = ev.reason_phrase or ""
+        self._events.append(DeviceDisconnected(conn, ev.error_code, reason, error))
 
     def _register_cid(self, conn: HubConnection, cid: bytes) -> None:
         self._by_cid[cid] = conn
@@ -860,6 +873,24 @@ class HubEndpoint:
     def next_event(self) -> HubEvent | None:
         """The next hub event."""
         return self._events.popleft() if self._events else None
+
+
+def uncounted_close_label(ev: qe.ConnectionTerminated) -> str:
+    """The errors-by-code label of a nonzero close that no Squall session reported.
+
+    aioquic's events carry ``frame_type`` for transport closes (its own errors, the peer's
+    TRANSPORT_CLOSE, the idle timeout) and None for application closes (the device's code).
+    """
+    if ev.frame_type is None:
+        if ev.error_code == ErrorCode.GOING_AWAY:
+            return ""  # the agent's goodbye (shutdown, a newer session): no error
+        try:
+            return f"EDGE_{ErrorCode(ev.error_code).name}"
+        except ValueError:
+            return f"EDGE_0x{ev.error_code:x}"
+    if ev.reason_phrase == "Idle timeout" and ev.error_code == QuicErrorCode.INTERNAL_ERROR:
+        return "QUIC_IDLE_TIMEOUT"  # aioquic's own silent close (no frame is sent)
+    return f"QUIC_0x{ev.error_code:x}"
 
 
 def _tls_backlog(quic: QuicConnection) -> int:

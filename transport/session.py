@@ -437,6 +437,52 @@ class HubSessionConfig:
     trust_edge_acks: bool = False
 
 
+# What a heartbeat may hold: what the hub shows in /v1/devices and presence records (JSON).
+HEARTBEAT_MAX_DEPTH = 3  # e.g. {"drop": {"bulk": {"spool-full": 3}}}
+HEARTBEAT_MAX_ITEMS = 128  # keys and list items, all levels together
+HEARTBEAT_MAX_STR = 256  # characters in one key or string value
+_HB_SCALARS = (bool, int, float, type(None))
+
+
+def check_heartbeat(stats: dict[Any, Any]) -> None:
+    """Refuse (RemoteProtocolError BAD_FIELD) a heartbeat that is not a small JSON-like map:
+    str keys; int / float / str / bool / None values, or lists and maps of those, nested at
+    most HEARTBEAT_MAX_DEPTH deep, HEARTBEAT_MAX_ITEMS items and HEARTBEAT_MAX_STR chars."""
+    _check_heartbeat_value(stats, 0, HEARTBEAT_MAX_ITEMS)
+
+
+def _check_heartbeat_value(value: Any, depth: int, budget: int) -> int:
+    """Check one value; returns the item budget left."""
+    if isinstance(value, str):
+        if len(value) > HEARTBEAT_MAX_STR:
+            raise _bad_heartbeat(f"a string of {len(value)} characters")
+        return budget
+    if isinstance(value, _HB_SCALARS):
+        return budget
+    if not isinstance(value, dict | list):
+        raise _bad_heartbeat(f"a {type(value).__name__} value")
+    if depth >= HEARTBEAT_MAX_DEPTH:
+        raise _bad_heartbeat(f"nested deeper than {HEARTBEAT_MAX_DEPTH}")
+    budget -= len(value)
+    if budget < 0:
+        raise _bad_heartbeat(f"more than {HEARTBEAT_MAX_ITEMS} items")
+    if isinstance(value, list):
+        for item in value:
+            budget = _check_heartbeat_value(item, depth + 1, budget)
+        return budget
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise _bad_heartbeat(f"a {type(key).__name__} key")
+        if len(key) > HEARTBEAT_MAX_STR:
+            raise _bad_heartbeat(f"a key of {len(key)} characters")
+        budget = _check_heartbeat_value(item, depth + 1, budget)
+    return budget
+
+
+def _bad_heartbeat(why: str) -> RemoteProtocolError:
+    return RemoteProtocolError(ErrorCode.BAD_FIELD, f"heartbeat: {why}")
+
+
 class HubState(Enum):
     """Hub session states."""
 
@@ -509,8 +555,13 @@ class HubSession(_Core):
             self.fail(exc.code, exc.reason)
 
     def receive_heartbeat(self, hb: Heartbeat) -> None:
-        """A heartbeat datagram (ignored before HELLO)."""
+        """A heartbeat datagram (ignored before HELLO); a malformed one fails the session."""
         if self.state is HubState.ESTABLISHED:
+            try:
+                check_heartbeat(hb.stats)
+            except RemoteProtocolError as exc:
+                self.fail(exc.code, exc.reason)
+                return
             self._events.append(HeartbeatReceived(hb.stats))
             if hb.stats.get("cb"):  # the edge is out of credit: repeat the grant (cheap repair)
                 self._send(CONTROL, Credit(self._granted))
@@ -749,4 +800,5 @@ __all__ = [
     "Outbox",
     "SenderConfig",
     "TokenBucket",
+    "check_heartbeat",
 ]

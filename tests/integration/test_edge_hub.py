@@ -54,6 +54,20 @@ def log_records(path: Path) -> list[Any]:
         log.close()
 
 
+# counted internally, exported since the audit of the hub issue (all zero in a quiet run)
+NEW_COUNTERS = (
+    "squall_hub_handshakes_early_data",
+    "squall_hub_out_of_order_batches",
+    "squall_hub_presence_forgotten",
+    "squall_hub_tickets_unknown",
+    "squall_hub_tickets_evicted",
+    "squall_hub_log_retention_removed_records",
+    "squall_hub_log_dropped_unconsumed_records",
+    "squall_hub_log_retention_blocked",
+    "squall_hub_log_incarnations_dropped",
+)
+
+
 def run(main: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(main(), 60))
 
@@ -77,6 +91,10 @@ def test_published_records_reach_the_log_once_and_the_api_shows_the_device(
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{base}/v1/devices") as r:
                 assert r.status == 401
+            for wrong in ({}, {"Authorization": "Bearer s3cre"}, {"Authorization": "s3cret"}):
+                async with http.get(f"{base}/metrics", headers=wrong) as r:
+                    assert r.status == 401, wrong
+                    assert "squall_hub" not in await r.text()
             auth = {"Authorization": "Bearer s3cret"}
             async with http.get(f"{base}/v1/devices", headers=auth) as r:
                 devices = (await r.json())["devices"]
@@ -92,6 +110,17 @@ def test_published_records_reach_the_log_once_and_the_api_shows_the_device(
         records_in = families["squall_hub_records_in"].samples[0].value
         assert records_in == 201
         assert "squall_hub_commit_seconds" in families
+        received = families["squall_hub_received_bytes"].samples[0]
+        assert received.name == "squall_hub_received_bytes_total" and received.value > 201 * 10
+        assert "squall_hub_bytes_in" not in families
+        stored = families["squall_hub_log_stored_records"].samples[0].value
+        assert stored >= 201  # and the presence records
+        assert families["squall_hub_log_stored_bytes"].samples[0].value > 0
+        assert families["squall_hub_tickets_issued"].samples[0].value == 1
+        assert families["squall_hub_tickets"].samples[0].value == 1
+        for name in NEW_COUNTERS:  # exported, and nothing happened to count
+            (sample,) = families[name].samples
+            assert sample.name == f"{name}_total" and sample.value == 0, name
         await agent.stop()
         await hub.stop()
         await runner.cleanup()
@@ -373,3 +402,87 @@ def test_json_lines_from_a_followed_file(tmp_path: Path, pki: Path) -> None:
     assert got["acme.t1.telemetry.fuel"].body == {"litres": 41.5}
     assert got["acme.t1.telemetry.fuel"].attrs == {"unit": "l"}
     assert got["acme.t1.fault"].lane == Lane.CRITICAL
+
+
+async def scrape(port: int) -> dict[str, Any]:
+    """/metrics of the hub as {family name: family}."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    auth = {"Authorization": "Bearer s3cret"}
+    async with aiohttp.ClientSession() as http, http.get(url, headers=auth) as r:
+        assert r.status == 200
+        return {f.name: f for f in text_string_to_metric_families(await r.text())}
+
+
+def test_a_restarted_agent_resumes_with_0rtt_and_the_hub_counts_it(
+    tmp_path: Path, pki: Path
+) -> None:
+    hub_cfg = load_hub_config(write_hub_config(tmp_path, pki))
+    edge_path = write_edge_config(tmp_path, pki, "t1", [hub_cfg.listen])
+
+    async def main() -> None:
+        hub = Hub(hub_cfg)
+        await hub.start()
+        runner, http_port = await start_http(hub)
+        first = Agent(load_edge_config(edge_path))
+        first.start()
+        await first.publish("telemetry.x", {"i": 0})
+        await until(lambda: spool_empty(first) and first._ticket_path.exists())
+        await first.stop()
+        # the agent comes back with its ticket; what it spooled meanwhile rides 0-RTT
+        second = Agent(load_edge_config(edge_path))
+        second.publish_nowait("telemetry.x", {"i": 1})
+        second._group_commit()
+        second.start()
+        await until(lambda: spool_empty(second))
+        fams = await scrape(http_port)
+        kinds = {s.labels["kind"]: s.value for s in fams["squall_hub_handshakes"].samples}
+        assert kinds == {"fresh": 1, "resumed": 1}
+        assert fams["squall_hub_handshakes_early_data"].samples[0].value == 1
+        await second.stop()
+        await hub.stop()
+        await runner.cleanup()
+
+    run(main)
+    data = [r for r in log_records(tmp_path / "hub.db") if r.subject == "acme.t1.telemetry.x"]
+    assert sorted(r.seq for r in data) == [1, 2]
+
+
+def test_batches_past_a_gap_are_counted_when_the_session_ends(tmp_path: Path, pki: Path) -> None:
+    from transport.batchcodec import Record, encode_batch
+    from transport.events import Welcomed
+    from transport.wire import Data, encode_frame
+
+    from .quicharness import connect_edge, edge_tls
+
+    hub_cfg = load_hub_config(write_hub_config(tmp_path, pki))
+
+    async def main() -> None:
+        hub = Hub(hub_cfg)
+        await hub.start()
+        runner, http_port = await start_http(hub)
+        edge = await connect_edge(("127.0.0.1", hub.port), edge_tls(pki, "acme", "t1"))
+        await until(lambda: any(isinstance(e, Welcomed) for e in edge.events))
+        # two batches whose predecessors (seq 1..4, 1..9) never came: dropped, not stored
+        for after in (4, 9):
+            seq = after + 1
+            codec, payload = encode_batch([Record(seq, 0, "acme.t1.x", {}, 1)])
+            data = Data(int(Lane.TELEMETRY), after, seq, seq, 1, codec, payload)
+            edge.endpoint.quic.send_stream_data(0, encode_frame(data))
+        edge.driver.flush()
+        (conn,) = hub.endpoint.connections.values()
+        assert conn.session is not None
+        await until(lambda: conn.session.out_of_order == 2)  # type: ignore[union-attr]
+        live = (await scrape(http_port))["squall_hub_out_of_order_batches"].samples[0].value
+        assert live == 0  # counted once the session ends, not per batch
+        edge.endpoint.close()
+        edge.driver.flush()
+        await until(lambda: not hub.endpoint.connections)
+        fams = await scrape(http_port)
+        assert fams["squall_hub_out_of_order_batches"].samples[0].value == 2
+        assert fams["squall_hub_records_in"].samples[0].value == 0
+        assert not hub.errors  # a clean close (NO_ERROR): nothing in errors by code
+        edge.driver.close()
+        await hub.stop()
+        await runner.cleanup()
+
+    run(main)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aioquic import tls
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
@@ -40,6 +41,7 @@ from scapy.sendrecv import send
 from edge.agent import Agent
 from edge.config import load_edge_config
 from hub.config import load_hub_config
+from hub.http import start_http
 from hub.log import Log
 from hub.server import Hub
 from transport import certs
@@ -51,7 +53,16 @@ from transport.limits import ALPN, PROTOCOL_VERSION
 from transport.memoutbox import MemoryOutbox
 from transport.quic import EdgeEndpoint, EdgeTls
 from transport.session import EdgeSession
-from transport.wire import Credit, Data, FrameType, Hello, Lane, encode_frame
+from transport.wire import (
+    Credit,
+    Data,
+    FrameType,
+    Heartbeat,
+    Hello,
+    Lane,
+    encode_frame,
+    encode_heartbeat,
+)
 
 from .conftest import write_edge_config, write_hub_config
 from .quicharness import Edge, connect_edge, edge_tls
@@ -60,6 +71,7 @@ pytestmark = pytest.mark.integration
 
 CONTROL_STREAM = 0  # the edge opens the control stream first: client bidi stream 0
 MAX_FRAME = 4096  # the hub's limits.max_frame_bytes in these tests
+MAX_STREAMS = 3  # the hub's limits.max_streams there: the good device uses 2 (control, telemetry)
 TELEMETRY = int(Lane.TELEMETRY)
 
 
@@ -164,7 +176,13 @@ class Abuse:
     records: tuple[Record, ...] = ()  # sent by its own (well-behaved) session core
     datagram: bytes = b""  # injected as a QUIC DATAGRAM frame
     tls_message: bytes = b""  # injected as a post-handshake TLS message (1-RTT CRYPTO)
+    extra_streams: tuple[int, ...] = ()  # client streams opened beside the control stream
     session_error: bool = True  # a Squall session error (ERROR frame + hub.errors) or QUIC-level
+
+    @property
+    def counted_as(self) -> str:
+        """Its label in hub.errors (QUIC-level closes: QUIC_0x<code>)."""
+        return ErrorCode(self.code).name if self.session_error else f"QUIC_0x{self.code:x}"
 
 
 def _abuses() -> list[Abuse]:
@@ -197,6 +215,16 @@ def _abuses() -> list[Abuse]:
             datagram=encode_frame(Credit(5)),  # only HEARTBEAT may travel as a datagram
         ),
         Abuse(
+            "streamhog",  # one stream more than limits.max_streams (MAX_STREAMS here)
+            ErrorCode.PROTOCOL_VIOLATION,
+            extra_streams=tuple(4 * i for i in range(1, MAX_STREAMS + 1)),
+        ),
+        Abuse(
+            "badbeat",
+            ErrorCode.BAD_FIELD,
+            datagram=encode_heartbeat(Heartbeat({"seq": 5, "d": {"1": [0, b"\xff"]}})),
+        ),
+        Abuse(
             "posthandshake",
             QuicErrorCode.CRYPTO_ERROR + tls.AlertDescription.unexpected_message,
             tls_message=b"\x04\x00\x00\x00",  # an empty NewSessionTicket, client to server
@@ -220,6 +248,8 @@ async def abuse(hub_addr: tuple[str, int], files: EdgeTls, a: Abuse) -> Edge:
         ep.quic.send_datagram_frame(a.datagram)
     if a.tls_message:
         ep.quic._crypto_streams[tls.Epoch.ONE_RTT].sender.write(a.tls_message)
+    for sid in a.extra_streams:  # the start of a frame header: nothing the hub can act on yet
+        ep.quic.send_stream_data(sid, encode_frame(Hello(1))[:3])
     edge.driver.flush()
     await until(lambda: edge.lost() is not None, 10, f"{a.device} closed")
     return edge
@@ -228,7 +258,8 @@ async def abuse(hub_addr: tuple[str, int], files: EdgeTls, a: Abuse) -> Edge:
 def test_misbehaving_devices_get_typed_closes_and_a_good_device_loses_nothing(
     tmp_path: Path, pki: Path
 ) -> None:
-    cfg = load_hub_config(write_hub_config(tmp_path, pki, limits={"max_frame_bytes": MAX_FRAME}))
+    limits = {"max_frame_bytes": MAX_FRAME, "max_streams": MAX_STREAMS}
+    cfg = load_hub_config(write_hub_config(tmp_path, pki, limits=limits))
     abuses = _abuses()
     closes: dict[str, tuple[int, str, list[PeerError]]] = {}
     published: list[int] = []
@@ -265,9 +296,11 @@ def test_misbehaving_devices_get_typed_closes_and_a_good_device_loses_nothing(
         if a.session_error:  # the reason, and an ERROR frame before the close saying the same
             assert reason, a.device
             assert [(e.code, e.reason) for e in errors] == [(a.code, reason)], a.device
-    expected = Counter(ErrorCode(a.code).name for a in abuses if a.session_error)
+    expected = Counter(a.counted_as for a in abuses)  # QUIC-level closes too (QUIC_0x10a)
     assert closes["hub.errors"][1] == repr(expected)
     assert "outside acme.trespasser.>" in closes["trespasser"][1]
+    assert closes["streamhog"][1] == f"unexpected stream {4 * MAX_STREAMS}"
+    assert closes["badbeat"][1] == "heartbeat: a bytes value"
     assert sorted(device_seqs(tmp_path / "hub.db", "good")) == published  # all of it, once
     for a in abuses:
         assert device_seqs(tmp_path / "hub.db", a.device) == [], a.device
@@ -609,3 +642,55 @@ def test_silent_authenticated_devices_are_revoked_and_shut_down_cleanly(
     run(main)
     assert outcome["revoked"] == (ErrorCode.REVOKED, "device acme/mute1 is revoked")
     assert outcome["stopped"] == (ErrorCode.GOING_AWAY, "hub shutting down")
+
+
+BAD_HEARTBEAT = Heartbeat({"seq": 5, "d": {"1": [0, b"\xff"]}, "drop": b"\x00"})
+
+
+def test_a_malformed_heartbeat_closes_only_its_sender_and_the_device_api_carries_on(
+    tmp_path: Path, pki: Path
+) -> None:
+    """Heartbeats end up in /v1/devices as JSON: one with bytes in it must not get that far."""
+    cfg = load_hub_config(write_hub_config(tmp_path, pki))
+    outcome: dict[str, Any] = {}
+
+    async def get_devices(port: int) -> tuple[int, Any]:
+        url = f"http://127.0.0.1:{port}/v1/devices"
+        auth = {"Authorization": "Bearer s3cret"}
+        async with aiohttp.ClientSession() as http, http.get(url, headers=auth) as r:
+            return r.status, await r.json() if r.status == 200 else await r.text()
+
+    async def main() -> None:
+        hub = Hub(cfg)
+        await hub.start()
+        runner, port = await start_http(hub)
+        good = await start_good_device(tmp_path, pki, cfg.listen)
+        devices = hub.presence.devices
+        await until(lambda: bool(devices[("acme", "good")].heartbeat), 10, "good heartbeat")
+        bad = await abuse(
+            ("127.0.0.1", hub.port),
+            edge_tls(pki, "acme", "badbeat"),
+            Abuse("badbeat", ErrorCode.BAD_FIELD, datagram=encode_heartbeat(BAD_HEARTBEAT)),
+        )
+        lost = bad.lost()
+        assert lost is not None
+        outcome["lost"] = (lost.code, lost.reason)
+        outcome["api"] = await get_devices(port)
+        await good.acked_up_to_now()  # served on
+        await good.finish()
+        outcome["good"] = (good.agent.stats.sessions, good.agent.stats.reconnects)
+        outcome["errors"] = dict(hub.errors)
+        bad.driver.close()
+        await good.agent.stop()
+        await hub.stop()
+        await runner.cleanup()
+
+    run(main)
+    assert outcome["lost"] == (ErrorCode.BAD_FIELD, "heartbeat: a bytes value")
+    status, body = outcome["api"]
+    assert status == 200, body
+    rows = {d["device"]: d for d in body["devices"]}
+    assert rows["good"]["presence"] == "online" and rows["good"]["spool_depth"]
+    assert rows["badbeat"]["spool_depth"] == {}  # its heartbeat was never taken
+    assert outcome["good"] == (1, 0)
+    assert outcome["errors"] == {"BAD_FIELD": 1}

@@ -11,7 +11,7 @@ so that the busy path shows even where the kernel's UDP queue is small and drops
 such a burst) refuses many of them with "busy; retry-after-ms=..."; those devices come
 back after the hinted delay and get in.  Like real agents, devices whose handshake was
 lost in the burst (the edge's own WELCOME timeout, or the hub's handshake timeout) try
-again; any other loss is a failure.  Run with ``-s`` to see the figures.
+again; any other loss is a failure.  The figures are printed in any run (capture off).
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def stored_records(db: Path) -> Counter[tuple[str, int]]:
 
 
 def test_thousand_devices_every_record_once_and_memory_per_idle_session(
-    tmp_path: Path, pki: Path
+    tmp_path: Path, pki: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cfg_path = write_hub_config(
         tmp_path,
@@ -296,13 +296,15 @@ def test_thousand_devices_every_record_once_and_memory_per_idle_session(
     retried = sum(len(d.lost_handshakes) for d in devices)
     per_session = (fig["rss_after"] - fig["rss_before"]) / DEVICES
     edge_per_session = (fig["edge_rss_after"] - fig["edge_rss_before"]) / DEVICES
-    print(
-        f"\n[hub scale] {DEVICES} devices connected, {DEVICES * RECORDS} records acknowledged "
-        f"in {fig['seconds']:.1f} s (hub CPU {fig['hub_cpu']:.1f} s); {len(busy)} devices "
-        f"refused busy at first (at most {max(d.attempts for d in devices)} attempts; "
-        f"hub busy_refused={fig['busy_refused']:.0f}; {retried} handshakes lost and retried)"
-        f"\n[hub scale] hub RSS {fig['rss_before'] / 1024:.1f} MiB -> "
-        f"{fig['rss_after'] / 1024:.1f} MiB = {per_session:.1f} KiB per idle session"
-        f"\n[hub scale] (edge side, this process: {edge_per_session:.1f} KiB per connection)"
-    )
+    with capsys.disabled():  # the figures show in a plain pytest run, not only with -s
+        print(
+            f"\n[hub scale] {DEVICES} devices connected, {DEVICES * RECORDS} records acknowledged "
+            f"in {fig['seconds']:.1f} s (hub CPU {fig['hub_cpu']:.1f} s); {len(busy)} devices "
+            f"refused busy at first (at most {max(d.attempts for d in devices)} attempts; "
+            f"hub busy_refused={fig['busy_refused']:.0f}; {retried} handshakes lost and retried)"
+            f"\n[hub scale] hub RSS {fig['rss_before'] / 1024:.1f} MiB -> "
+            f"{fig['rss_after'] / 1024:.1f} MiB = {per_session:.1f} KiB per idle session"
+            f"\n[hub scale] (edge side, this process: {edge_per_session:.1f} KiB per connection)",
+            flush=True,
+        )
     assert 0 < per_session < 500  # sanity only: tests never assert tight performance figures

@@ -8,9 +8,11 @@ import pytest
 
 from edge.config import EdgeConfig
 from hub.alerts import load_rules
-from hub.config import HubConfig
+from hub.config import DeviceLimits, HubConfig
+from hub.ingest import endpoint_limits
 from transport.configload import build, load_yaml
 from transport.errors import ConfigError
+from transport.quic import HubLimits
 
 CONFIG = Path(__file__).resolve().parents[2] / "config"
 
@@ -18,6 +20,7 @@ CONFIG = Path(__file__).resolve().parents[2] / "config"
 def test_hub_example_matches_the_code_and_its_defaults() -> None:
     cfg = build(HubConfig, load_yaml(CONFIG / "hub.yaml"), path="hub.yaml")
     assert cfg.limits.window_records == 8000 and cfg.server.handshake_timeout_s == 10.0
+    assert cfg.limits.max_streams == DeviceLimits().max_streams == HubLimits().max_streams == 4
     assert cfg.log.retention_hard_max_bytes == 0 and cfg.http.listen == "127.0.0.1:8080"
     assert cfg.kernel.queue_idle_s == 300.0 and cfg.kernel.default_policy == "block"
     assert cfg.http.tenant_tokens == {} and cfg.subscriptions == []
@@ -44,6 +47,22 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         build(HubConfig, load_yaml(bad), path=str(bad))
     assert exc.value.key == "log.pathh" and str(bad) in str(exc.value)
+
+
+@pytest.mark.parametrize("value", [1, 0, 129])
+def test_max_streams_out_of_range_is_refused_naming_the_key(tmp_path: Path, value: int) -> None:
+    bad = tmp_path / "hub.yaml"
+    bad.write_text(f"tls: {{cert: a, key: b, device_ca: c}}\nlimits: {{max_streams: {value}}}\n")
+    with pytest.raises(ConfigError, match=r"max_streams must be within 2\.\.128") as exc:
+        build(HubConfig, load_yaml(bad), path=str(bad))
+    assert str(bad) in str(exc.value)
+
+
+def test_max_streams_reaches_the_quic_endpoint(tmp_path: Path) -> None:
+    path = tmp_path / "hub.yaml"
+    path.write_text("tls: {cert: a, key: b, device_ca: c}\nlimits: {max_streams: 2}\n")
+    cfg = build(HubConfig, load_yaml(path), path=str(path))
+    assert endpoint_limits(cfg.server, cfg.limits).max_streams == 2
 
 
 def test_hard_limit_below_soft_limit_is_refused(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from transport.errors import ErrorCode
 from transport.events import (
     Acked,
     BatchAccepted,
+    HeartbeatReceived,
     HelloReceived,
     PeerError,
     SessionClosed,
@@ -30,7 +31,18 @@ from transport.session import (
     HubState,
     SenderConfig,
 )
-from transport.wire import LANES, Data, Lane, decode_datagram, decode_frame, encode_frame
+from transport.wire import (
+    LANES,
+    Credit,
+    Data,
+    Error,
+    Heartbeat,
+    Lane,
+    decode_datagram,
+    decode_frame,
+    encode_frame,
+    encode_heartbeat,
+)
 
 
 @dataclass
@@ -243,25 +255,54 @@ def test_subject_outside_prefix_is_refused_with_a_code() -> None:
     assert errors and errors[0].code is ErrorCode.SUBJECT_FORBIDDEN
 
 
-def test_credit_withheld_by_rate_limit_then_granted() -> None:
+@dataclass
+class Paced:
+    """What a rate-limited device sent: (time, records, wire bytes, last seq) per DATA frame."""
+
+    sent: list[tuple[float, int, int, int]]
+    hub: HubSession
+    edge: EdgeSession
+    ledger: DeviceLedger
+    closed: list[SessionClosed]
+
+    def records(self, since: float = 0.0) -> int:
+        return sum(n for t, n, _, _ in self.sent if t >= since)
+
+    def wire_bytes(self, since: float = 0.0) -> int:
+        return sum(b for t, _, b, _ in self.sent if t >= since)
+
+    def assert_nothing_dropped(self) -> None:
+        """Slowed, never refused: both sessions up, the hub accepted every seq sent."""
+        assert self.closed == []
+        assert self.hub.state is HubState.ESTABLISHED and self.edge.state is EdgeState.ESTABLISHED
+        last_sent = max(last for _, _, _, last in self.sent)
+        assert self.ledger.lanes[int(Lane.TELEMETRY)].accepted == last_sent
+        assert self.hub.duplicates == 0 and self.hub.out_of_order == 0
+
+
+def pace(cfg: HubSessionConfig, seconds: float, body_bytes: int = 0) -> Paced:
+    """A device with 20,000 records spooled against a rate-limited hub, for ``seconds``."""
+    rng = random.Random(5)
     outbox = MemoryOutbox()
-    for i in range(1, 10_001):
-        outbox.add(Lane.TELEMETRY, Record(i, 0, "acme.t1.x"), 0.0)
-    cfg = HubSessionConfig(window_records=500, records_per_s=1000, burst_s=1.0)
+    for i in range(1, 20_001):
+        body = rng.randbytes(body_bytes) if body_bytes else None
+        outbox.add(Lane.TELEMETRY, Record(i, 0, "acme.t1.x", {}, body), 0.0)
     ledger = DeviceLedger(1)
     hub = HubSession("acme", "t1", lambda inc: ledger, 0.0, cfg)
     edge = EdgeSession(outbox, 1, 0.0, SenderConfig(linger_s=0, window_records=5000))
-    sent_at: list[tuple[float, int]] = []
+    out = Paced([], hub, edge, ledger, [])
     now = 0.0
-    while now < 5.0:
+    while now < seconds:
         for _, data in edge.frames_to_send():
             f = decode_frame(data)
             if isinstance(f, Data):
-                sent_at.append((now, f.count))
+                out.sent.append((now, f.count, len(data), f.last_seq))
             hub.receive_frame(f, now, len(data))
         for ev in iter(hub.next_event, None):
             if isinstance(ev, BatchAccepted):
                 ledger.lanes[ev.lane].committed = ev.last_seq
+            elif isinstance(ev, SessionClosed):
+                out.closed.append(ev)
         hub.on_committed(now)
         for _, data in hub.frames_to_send():
             edge.receive_frame(decode_frame(data), now)
@@ -269,12 +310,30 @@ def test_credit_withheld_by_rate_limit_then_granted() -> None:
         if (t := hub.get_timer()) is not None and t <= now:
             hub.handle_timer(now)
         edge.poll(now)
-    total = sum(c for _, c in sent_at)
+    return out
+
+
+def test_credit_withheld_by_rate_limit_then_granted() -> None:
+    cfg = HubSessionConfig(window_records=500, records_per_s=1000, burst_s=1.0)
+    paced = pace(cfg, 5.0)
     # 1,000 records/s, a 1 s burst, the initial 0-RTT credit: never beyond that
-    assert total <= 1024 + 1000 + 5 * 1000
+    assert paced.records() <= 1024 + 1000 + 5 * 1000
     # ... and paced rather than stopped: about the rate from t=2 s to t=5 s
-    late = sum(c for t, c in sent_at if t >= 2.0)
-    assert 2400 <= late <= 3600
+    assert 2400 <= paced.records(since=2.0) <= 3600
+    paced.assert_nothing_dropped()
+
+
+def test_credit_withheld_by_byte_rate_limit_then_granted() -> None:
+    rate, seconds, window = 20_000, 20.0, 100
+    cfg = HubSessionConfig(window_records=window, bytes_per_s=rate, burst_s=1.0)
+    paced = pace(cfg, seconds, body_bytes=100)
+    per_record = paced.wire_bytes() / paced.records()
+    # the initial 0-RTT credit, a 1 s burst, the rate, and one window granted into debt
+    assert paced.wire_bytes() <= (1024 + window) * per_record + rate * (1 + seconds)
+    # ... and paced rather than stopped: about the byte rate once the initial credit is used
+    late = paced.wire_bytes(since=5.0)
+    assert 0.8 * rate * (seconds - 5) <= late <= 1.2 * rate * (seconds - 5)
+    paced.assert_nothing_dropped()
 
 
 def test_edge_gives_up_without_welcome() -> None:
@@ -394,3 +453,61 @@ def test_what_is_half_due_rides_a_batch_that_goes_out_anyway() -> None:
     assert [(f.lane, f.count) for f in sent if isinstance(f, Data)] == [(Lane.TELEMETRY, 5)]
     assert edge.datagrams_to_send() == []
     assert edge.get_timer() == pytest.approx(7.7)  # bulk's own linger
+
+
+# what the edge agent's heartbeat holds (edge/agent.py _heartbeat_stats), credit-blocked
+AGENT_HEARTBEAT = {
+    "d": {"0": [0, 0], "1": [12, 3400], "2": [0, 0]},
+    "age": {"1": 0.4},
+    "seq": 1234,
+    "drop": {"bulk": {"spool-full": 3}, "critical": {"refused-spool-full": 1}},
+    "rtt_ms": 41.5,
+    "loss": 0.012,
+    "rc": 2,
+    "cb": 1,
+}
+
+
+def _heartbeat_to_hub(stats: dict[object, object]) -> tuple[HubSession, list[object]]:
+    """An established hub session given one heartbeat; its events after the handshake."""
+    hub = HubSession("acme", "t1", DeviceLedger, 0.0)
+    edge = EdgeSession(MemoryOutbox(), 1, 0.0, SenderConfig(linger_s=0))
+    _handshake(edge, hub)
+    list(iter(hub.next_event, None))
+    hub.receive_heartbeat(decode_datagram(encode_heartbeat(Heartbeat(stats))))
+    return hub, list(iter(hub.next_event, None))
+
+
+def test_the_agents_heartbeat_is_taken() -> None:
+    hub, events = _heartbeat_to_hub(dict(AGENT_HEARTBEAT))
+    assert hub.state is HubState.ESTABLISHED
+    assert events == [HeartbeatReceived(AGENT_HEARTBEAT)]
+    assert any(isinstance(decode_frame(d), Credit) for _, d in hub.frames_to_send())  # "cb"
+
+
+@pytest.mark.parametrize(
+    ("stats", "why"),
+    [
+        ({"seq": b"\x00\x01"}, "a bytes value"),
+        ({"d": {"1": [1, b"x"]}}, "a bytes value"),
+        ({b"k": "bytes key"}, "a bytes key"),  # (int keys: the decoder refuses them itself)
+        ({"d": {b"2": [0, 0]}}, "a bytes key"),
+        ({"a": {"b": {"c": {"d": 1}}}}, "nested deeper than 3"),
+        ({"a": [[[1]]]}, "nested deeper than 3"),
+        ({"n": list(range(200))}, "more than 128 items"),
+        ({"s": "x" * 300}, "a string of 300 characters"),
+        ({"k" * 300: 1}, "a key of 300 characters"),
+    ],
+)
+def test_a_malformed_heartbeat_fails_its_session_with_bad_field(
+    stats: dict[object, object], why: str
+) -> None:
+    hub, events = _heartbeat_to_hub(stats)
+    assert hub.state is HubState.CLOSED
+    assert not any(isinstance(e, HeartbeatReceived) for e in events)
+    (closed,) = [e for e in events if isinstance(e, SessionClosed)]
+    assert closed.code is ErrorCode.BAD_FIELD and why in closed.reason
+    errors = [decode_frame(d) for _, d in hub.frames_to_send()]
+    assert [(e.code, e.reason) for e in errors if isinstance(e, Error)] == [
+        (ErrorCode.BAD_FIELD, closed.reason)
+    ]
