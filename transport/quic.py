@@ -235,6 +235,9 @@ class EdgeEndpoint:
         self.packets_lost = 0
         self._count_packets()
         self.quic.connect(addr, now)
+        # Something may be due from aioquic: asking it costs ~100 us even when it has
+        # nothing, and the agent polls after every spool commit, which mostly sends nothing.
+        self._dirty = True
         self._streams: dict[int, int] = {}  # channel -> stream id
         self._control_reader = FrameReader()
         self._events: deque[Connected | ConnectionLost | SessionEvent] = deque()
@@ -246,13 +249,22 @@ class EdgeEndpoint:
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         """A UDP datagram from the hub."""
         self.quic.receive_datagram(data, addr, now)
+        self._dirty = True
         self._unacked = _count_for_ack(self.quic, self._unacked, now)
         if addr[:2] == self.addr[:2]:
             self.session.heard(now)
         self._drain(now)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Address]]:
-        """UDP datagrams to send now."""
+        """UDP datagrams to send now.
+
+        aioquic is asked only after something that can give it work: the connect, a
+        datagram in, a timer, frames or a close written to it.  A poll that wrote
+        nothing leaves it alone (its ACK and loss timers come through ``handle_timer``).
+        """
+        if not self._dirty:
+            return []
+        self._dirty = False
         out = [(d, a) for d, a in self.quic.datagrams_to_send(now)]
         if out:
             self._unacked = _count_after_send(self.quic, self._unacked)
@@ -265,6 +277,7 @@ class EdgeEndpoint:
 
     def handle_timer(self, now: float) -> None:
         """Run whatever is due."""
+        self._dirty = True
         t = self.quic.get_timer()
         if t is not None and now >= t:
             self.quic.handle_timer(now)
@@ -282,10 +295,15 @@ class EdgeEndpoint:
         """Next endpoint or session event."""
         return self._events.popleft() if self._events else None
 
+    def wrote_to_quic(self) -> None:
+        """Something was written to ``quic`` directly (tests, tools): send it next time."""
+        self._dirty = True
+
     def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """Close the connection (GOING_AWAY on shutdown)."""
         if not self.closed:
             self.quic.close(error_code=int(code), reason_phrase=reason)
+            self._dirty = True
 
     def _count_packets(self) -> None:
         """Count sent and lost packets for the heartbeat's loss estimate (aioquic keeps no
@@ -333,6 +351,7 @@ class EdgeEndpoint:
             except WireError as exc:
                 self.session.close(exc.code, exc.reason)
                 self.quic.close(error_code=int(exc.code), reason_phrase=exc.reason)
+                self._dirty = True
         elif isinstance(ev, qe.ConnectionTerminated):
             self._on_terminated(ev)
 
@@ -355,11 +374,13 @@ class EdgeEndpoint:
             sending = True
         if sending:
             _ack_with_next_packet(self.quic, now)
+            self._dirty = True
         while (ev := self.session.next_event()) is not None:
             self._events.append(ev)
             if isinstance(ev, SessionClosed) and not self.closed:
                 # the session gave up (no WELCOME, hub silent, protocol error): so does QUIC
                 self.quic.close(error_code=int(ev.code), reason_phrase=ev.reason)
+                self._dirty = True
                 self.closed = True
                 self._events.append(ConnectionLost(int(ev.code), ev.reason, 0, self.handshake_done))
         if self.quic._state is QuicConnectionState.TERMINATED and not self.closed:

@@ -468,6 +468,7 @@ def test_batches_past_a_gap_are_counted_when_the_session_ends(tmp_path: Path, pk
             codec, payload = encode_batch([Record(seq, 0, "acme.t1.x", {}, 1)])
             data = Data(int(Lane.TELEMETRY), after, seq, seq, 1, codec, payload)
             edge.endpoint.quic.send_stream_data(0, encode_frame(data))
+        edge.endpoint.wrote_to_quic()
         edge.driver.flush()
         (conn,) = hub.endpoint.connections.values()
         assert conn.session is not None

@@ -250,6 +250,7 @@ async def abuse(hub_addr: tuple[str, int], files: EdgeTls, a: Abuse) -> Edge:
         ep.quic._crypto_streams[tls.Epoch.ONE_RTT].sender.write(a.tls_message)
     for sid in a.extra_streams:  # the start of a frame header: nothing the hub can act on yet
         ep.quic.send_stream_data(sid, encode_frame(Hello(1))[:3])
+    ep.wrote_to_quic()
     edge.driver.flush()
     await until(lambda: edge.lost() is not None, 10, f"{a.device} closed")
     return edge
@@ -577,6 +578,7 @@ def test_a_handshake_message_that_never_ends_is_cut_off(tmp_path: Path, pki: Pat
         stream.sender.write(b"\x0b\xff\xff\xff")  # a Certificate message of 16 MiB - 1 ...
         for _ in range(100):
             stream.sender.write(random.Random(3).randbytes(10_000))  # ... that never ends
+        edge.endpoint.wrote_to_quic()
         edge.driver.flush()
         await until(lambda: edge.lost() is not None, 20, "flooder cut off")
         lost = edge.lost()

@@ -466,6 +466,7 @@ def test_a_tls_message_after_the_handshake_closes_with_unexpected_message() -> N
     dev, conn = established(net, "tls")
     quic: Any = dev.endpoint.quic
     quic._crypto_streams[ONE_RTT].sender.write(b"\x04\x00\x00\x00")  # a NewSessionTicket
+    dev.endpoint.wrote_to_quic()
     net.run(1.0)
     lost = dev.lost()
     code = QuicErrorCode.CRYPTO_ERROR + tls.AlertDescription.unexpected_message
