@@ -80,6 +80,16 @@ async def _main(args: argparse.Namespace) -> int:
         ):
             await asyncio.sleep(0.1)
     for agent in agents:
+        depth = sum(d[0] for d in agent.spool.depth().values())
+        if depth:  # say why a vehicle still holds records (the bench counts them)
+            st = agent.stats
+            print(
+                f"vehicle {agent.prefix}: {depth} records still spooled; connected="
+                f"{agent.connected.is_set()} sessions={st.sessions} reconnects={st.reconnects}"
+                f" acked={st.acked} refused={st.refused}",
+                file=sys.stderr,
+                flush=True,
+            )
         await agent.stop()
         print(f"vehicle {agent.prefix}: last_seq={agent.spool.last_seq}", flush=True)
     stopper.cancel()
