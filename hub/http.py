@@ -65,6 +65,20 @@ class HubCollector:
         yield counter("squall_hub_records_committed", "Records committed", c["records_committed"])
         yield counter("squall_hub_received_bytes", "DATA frame bytes received", c["received_bytes"])
         yield counter("squall_hub_duplicates", "Duplicate records not stored", c["duplicates"])
+        driver = hub.driver
+        if driver is not None:  # the UDP socket: every datagram, handshakes and junk included
+            udp = CounterMetricFamily(
+                "squall_hub_udp_datagrams", "UDP datagrams, hub socket", labels=["direction"]
+            )
+            udp.add_metric(["in"], driver.received_datagrams)
+            udp.add_metric(["out"], driver.sent_datagrams)
+            yield udp
+            udp_bytes = CounterMetricFamily(
+                "squall_hub_udp_bytes", "UDP payload bytes, hub socket", labels=["direction"]
+            )
+            udp_bytes.add_metric(["in"], driver.received_bytes)
+            udp_bytes.add_metric(["out"], driver.sent_bytes)
+            yield udp_bytes
         yield counter(
             "squall_hub_out_of_order_batches",
             "Batches past a gap, dropped for the edge to resend (counted as sessions end)",

@@ -37,6 +37,8 @@ class UdpDriver(asyncio.DatagramProtocol):
         self._timer_at: float | None = None
         self.sent_bytes = 0
         self.received_bytes = 0
+        self.sent_datagrams = 0
+        self.received_datagrams = 0
         self.send_errors = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -46,6 +48,7 @@ class UdpDriver(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: Address) -> None:
         """asyncio callback: feed the endpoint, then flush."""
         self.received_bytes += len(data)
+        self.received_datagrams += 1
         self.endpoint.receive_datagram(data, addr, self._loop.time())
         self.flush()
 
@@ -61,6 +64,7 @@ class UdpDriver(asyncio.DatagramProtocol):
             return
         for data, addr in self.endpoint.datagrams_to_send(self._loop.time()):
             self.sent_bytes += len(data)
+            self.sent_datagrams += 1
             self.transport.sendto(data, addr)
         self._arm()
 

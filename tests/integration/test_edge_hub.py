@@ -113,6 +113,12 @@ def test_published_records_reach_the_log_once_and_the_api_shows_the_device(
         received = families["squall_hub_received_bytes"].samples[0]
         assert received.name == "squall_hub_received_bytes_total" and received.value > 201 * 10
         assert "squall_hub_bytes_in" not in families
+        udp = {s.labels["direction"]: s.value for s in families["squall_hub_udp_datagrams"].samples}
+        assert udp["in"] >= 3 and udp["out"] >= 3, udp  # a handshake and batches each way
+        udp_bytes = {
+            s.labels["direction"]: s.value for s in families["squall_hub_udp_bytes"].samples
+        }
+        assert udp_bytes["in"] > received.value and udp_bytes["out"] > 0, udp_bytes
         stored = families["squall_hub_log_stored_records"].samples[0].value
         assert stored >= 201  # and the presence records
         assert families["squall_hub_log_stored_bytes"].samples[0].value > 0
