@@ -107,35 +107,72 @@ COMMITTED = "squall_hub_records_committed_total"
 COMMIT_HIST = "squall_hub_commit_seconds"
 WARM_SESSIONS_PER_PROC = 5
 HANDSHAKES_IN_FLIGHT = 48  # per load process
+POKE_S = 0.01  # rate mode: how often each load process lets its sessions look for records
 
 
 # --- load processes ---------------------------------------------------------------------
 
 
 class EndlessOutbox:
-    """The edge session's Outbox over an endless stream of GPS fixes (switched by ``on``)."""
+    """The edge session's Outbox over an endless stream of GPS fixes (switched by ``switch``).
 
-    def __init__(self, subject: str, bodies: list[dict[str, Any]]) -> None:
+    ``rate`` 0: a full batch is always waiting (the device sends as fast as CREDIT and
+    its window allow).  ``rate`` > 0: records appear at ``rate`` per second on ``clock``
+    from the moment the outbox is switched on, each with its own accept time, so the
+    session's linger and batching work as on a real device at that rate.
+    """
+
+    def __init__(
+        self,
+        subject: str,
+        bodies: list[dict[str, Any]],
+        rate: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.subject = subject
         self.bodies = bodies
         self.attrs: dict[str, Any] = {"unit": "si"}
         self.on = False
+        self.rate = rate
+        self.clock = clock
+        self._t_on = 0.0
+        self._base = 0  # seqs made before the outbox was last switched on
         self._acked = {int(lane): 0 for lane in LANES}
+
+    def switch(self, on: bool) -> None:
+        """Start or stop making records."""
+        if self.rate > 0:
+            self._base = self._made()
+            self._t_on = self.clock()
+        self.on = on
+
+    def _made(self) -> int:
+        """Highest seq made so far (rate mode)."""
+        if not self.on:
+            return self._base
+        return self._base + int((self.clock() - self._t_on) * self.rate)
 
     def acked_mark(self, lane: int) -> int:
         """Highest seq the hub acknowledged."""
         return self._acked[lane]
 
     def pending_info(self, lane: int, after: int) -> tuple[int, float | None]:
-        """Always a full batch waiting (telemetry lane) while on."""
-        if self.on and lane == Lane.TELEMETRY:
+        """Telemetry waiting after ``after``, and when the oldest of it was made."""
+        if not self.on or lane != Lane.TELEMETRY:
+            return 0, None
+        if self.rate <= 0:
             return 1 << 30, 0.0
-        return 0, None
+        waiting = self._made() - after
+        if waiting <= 0:
+            return 0, None
+        return waiting, self._t_on + (after + 1 - self._base) / self.rate
 
     def pending(self, lane: int, after: int, limit: int) -> list[Record]:
-        """The next ``limit`` records after ``after``."""
+        """The next ``limit`` records after ``after`` (in rate mode, only those made)."""
         if lane != Lane.TELEMETRY:
             return []
+        if self.rate > 0:
+            limit = max(0, min(limit, self._made() - after))
         bodies, n, subject, attrs = self.bodies, len(self.bodies), self.subject, self.attrs
         return [
             Record(s, T0_US + s * 1_000_000, subject, attrs, bodies[s % n])
@@ -213,6 +250,7 @@ class Load:
         self.stopping = False
         self.rng = random.Random(worker)
         self.tasks: set[asyncio.Task[None]] = set()
+        self.poker: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -237,17 +275,30 @@ class Load:
         if kind == "connect":
             self.tasks.add(loop.create_task(self._connect_upto(int(msg[1]), float(msg[2]))))
         elif kind in ("go", "pause"):
-            now = loop.time()
             for d in self.devices:
-                d.outbox.on = kind == "go"
-                if d.up and d.endpoint is not None and d.driver is not None:
-                    d.endpoint.poll(now)
-                    d.driver.flush()
+                d.outbox.switch(kind == "go")
+            self._poke()
+            if kind == "go" and float(self.plan.get("rate", 0.0)) > 0 and self.poker is None:
+                self.poker = loop.create_task(self._poke_every(POKE_S))
         elif kind == "stats":
             self.conn.send(("stats", self._report()))
         elif kind == "stop":
             self._close_all()
             loop.call_later(0.2, self._finish)
+
+    def _poke(self) -> None:
+        """Let every live session look at its outbox now (new records, linger due)."""
+        now = asyncio.get_running_loop().time()
+        for d in self.devices:
+            if d.up and d.endpoint is not None and d.driver is not None:
+                d.endpoint.poll(now)
+                d.driver.flush()
+
+    async def _poke_every(self, period: float) -> None:
+        """Rate mode: the outboxes do not wake their sessions, so look every ``period``."""
+        while not self.stopping:
+            await asyncio.sleep(period)
+            self._poke()
 
     def _finish(self) -> None:
         for d in self.devices:
@@ -275,7 +326,12 @@ class Load:
             name = f"load{self.worker}-{i:05d}"
             cert, key = certs.make_device_cert(self.ca_cert, self.ca_key, TENANT, name)
             tls = EdgeTls([self.ca_cert], cert, key)
-            outbox = EndlessOutbox(f"{TENANT}.{name}.telemetry.gps", self.bodies)
+            outbox = EndlessOutbox(
+                f"{TENANT}.{name}.telemetry.gps",
+                self.bodies,
+                float(self.plan.get("rate", 0.0)),
+                asyncio.get_running_loop().time,
+            )
             d = Device(name, tls, outbox, self.rng.getrandbits(62) | 1)
             self.devices.append(d)
             new.append(d)
@@ -301,7 +357,10 @@ class Load:
     async def _handshake(self, d: Device, timeout: float) -> bool:
         loop = asyncio.get_running_loop()
         now = loop.time()
-        cfg = SenderConfig(batch_max_records=100, linger_s=0.05, window_records=2000)
+        # at a set rate, a long linger keeps every batch full (100 records) however late
+        # the load process looks, so batch sizes do not depend on the load's own CPU
+        linger = 1.0 if float(self.plan.get("rate", 0.0)) > 0 else 0.05
+        cfg = SenderConfig(batch_max_records=100, linger_s=linger, window_records=2000)
         session = EdgeSession(d.outbox, d.incarnation, now, cfg, dict)
         # Like the agent, take the session ticket the hub issues (kept, not used: every
         # handshake here is a full one), so the hub holds one per device as in production.

@@ -22,6 +22,14 @@ start and end of a steady window:
   machine has 2 cores, so per-record cost, not wall throughput, shows whether scaling
   out is free.
 
+``--rate R`` offers each hub the same load instead: every device sends R records/s (in
+full 100-record batches), and each hub gets ``--devices`` devices of its own, so the two-hub
+run has twice the devices and twice the records of the one-hub runs.  Flat out, two hubs
+on one core are two saturated processes taking turns; at a set rate neither is saturated
+and the per-record cost is compared at the same per-hub load.  ``--spread`` puts the
+second hub on the other CPU (beside the load and nats-server) instead of beside the
+first; ``per_hub_cpu_s_per_100k_jetstream_2hubs`` gives each hub's own figure.
+
 ``nats_server_cpu_s_per_100k_*`` is what the JetStream server spent meanwhile on its
 own core (not the hub's, but a machine's).  Targets: JetStream within 1.3x of SQLite's
 per-record hub CPU; two hubs no more per record than one.
@@ -314,7 +322,8 @@ def measure_hubs(
                     },
                     "name": f"hub{i}",
                 }
-            hubs.append(Hub(write_hub_config(d, pki, **over), hub_cpus, d))
+            cpus = load_cpus if (args.spread and i % 2 == 1) else hub_cpus
+            hubs.append(Hub(write_hub_config(d, pki, **over), cpus, d))
         for h in hubs:
             h.wait_ready()
         ports = [h.files.udp_port for h in hubs]
@@ -326,7 +335,11 @@ def measure_hubs(
             "replay": True,
             "in_flight": HANDSHAKES_IN_FLIGHT,
         }
-        per_proc = args.devices // args.procs
+        plan["rate"] = args.rate
+        # flat out, the devices share the hubs; at a set rate each hub gets --devices of
+        # its own, so every configuration offers each hub the same load
+        devices = args.devices * (n_hubs if args.rate > 0 else 1)
+        per_proc = devices // args.procs
         workers = PlacedWorkers(args.procs, plan)
         workers.send("connect", per_proc, 60.0)
         up = total(workers.gather("connected", 90), "up")
@@ -363,12 +376,22 @@ def measure_hubs(
         raise BenchError(f"{n_hubs} hub(s) committed nothing in the window")
     cpu = sum(c1) - sum(c0)
     commits = sum(b.get(COMMITS, 0.0) - a.get(COMMITS, 0.0) for a, b in zip(g0, g1, strict=True))
+
+    def datagrams(direction: str) -> float:
+        key = f"squall_hub_udp_datagrams_total{{direction={direction}}}"
+        return sum(b.get(key, 0.0) - a.get(key, 0.0) for a, b in zip(g0, g1, strict=True))
+
     return {
         "cpu_s_per_100k": round(cpu / committed * 1e5, 3),
         "records_per_s": round(committed / (t1 - t0)),
         "per_hub_records": [int(x) for x in per_hub],
+        "per_hub_cpu_s_per_100k": [
+            round((b - a) / max(1.0, r) * 1e5, 3) for a, b, r in zip(c0, c1, per_hub, strict=True)
+        ],
         "hub_cpu_util": round(cpu / (t1 - t0), 2),  # summed over the hubs (they share one CPU)
         "records_per_commit": round(committed / commits) if commits else None,
+        "datagrams_in_per_100_records": round(datagrams("in") / committed * 100, 2),
+        "datagrams_out_per_100_records": round(datagrams("out") / committed * 100, 2),
         "nats_cpu_s_per_100k": round((s1 - s0) / committed * 1e5, 3) if server else None,
     }
 
@@ -386,10 +409,13 @@ def measure_whole_hubs(args: argparse.Namespace, tmp: Path, server: NatsServer) 
         out[f"records_per_s_{key}"] = r["records_per_s"]
         out[f"hub_cpu_util_{key}"] = r["hub_cpu_util"]
         out[f"records_per_commit_{key}"] = r["records_per_commit"]
+        out[f"datagrams_in_per_100_records_{key}"] = r["datagrams_in_per_100_records"]
+        out[f"datagrams_out_per_100_records_{key}"] = r["datagrams_out_per_100_records"]
         if srv is not None:
             out[f"nats_server_cpu_s_per_100k_{key}"] = r["nats_cpu_s_per_100k"]
         if n > 1:
             out[f"per_hub_records_{key}"] = r["per_hub_records"]
+            out[f"per_hub_cpu_s_per_100k_{key}"] = r["per_hub_cpu_s_per_100k"]
     return out
 
 
@@ -489,6 +515,18 @@ def main() -> int:
     ap.add_argument("--procs", type=int, default=4, help="load processes (4)")
     ap.add_argument("--warmup", type=float, default=5.0, help="s before each window (5)")
     ap.add_argument("--window", type=float, default=15.0, help="steady window, s (15)")
+    ap.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="records/s per device (0: as fast as the hubs take them); with a rate, "
+        "each hub gets --devices devices of its own",
+    )
+    ap.add_argument(
+        "--spread",
+        action="store_true",
+        help="the second hub on the other CPU (with the load) instead of beside the first",
+    )
     ap.add_argument("--batch", type=int, default=100, help="records per batch (log alone)")
     ap.add_argument("--group", type=int, default=10, help="batches per group (log alone)")
     ap.add_argument("--records", type=int, default=1_000_000, help="records (log alone)")
