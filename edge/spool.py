@@ -405,6 +405,7 @@ class Spool:
         self._closed = False
         try:
             meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
+            self._meta_saved: dict[str, int] = {str(k): int(v) for k, v in meta.items()}
             self.incarnation = int(meta["incarnation"])
             self._lanes: dict[int, _LaneIndex] = {
                 lane: _LaneIndex(acked=int(meta[f"acked_{_NAME[lane]}"])) for lane in LANES
@@ -616,8 +617,10 @@ class Spool:
         by_lane: dict[int, list[tuple[int, float, bytes]]] = {}
         for lane, seq, at, data in self._staging.values():
             by_lane.setdefault(lane, []).append((seq, at, data))
+        saved = self._meta_saved
         meta = [("seq_hwm", self._last_seq)]
         meta += [(f"acked_{_NAME[k]}", q.acked) for k, q in self._lanes.items()]
+        meta = [(k, v) for k, v in meta if saved.get(k) != v]  # only what changed
         try:
             conn.execute("BEGIN")
             for lane, upto in self._ack_deletes.items():
@@ -627,12 +630,14 @@ class Spool:
             for lane, rows in by_lane.items():
                 sql = f"INSERT INTO {_TABLE[lane]} (seq, accepted_at, data) VALUES (?, ?, ?)"
                 conn.executemany(sql, rows)
-            conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta)
+            if meta:
+                conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise _storage_error("spool commit failed", exc) from exc
+        saved.update(meta)
         self._staging.clear()
         self._staged_bytes = 0
         self._deletes.clear()
