@@ -29,9 +29,11 @@ the block (a gap; seqs are u64); a clean ``close`` gives the unused rest back.
   Staged records are invisible to the sender until committed.
 
 Acknowledgements and evictions change the in-memory index at once; their DELETEs
-go into the next commit (due ``group_commit_ms`` after them, in either mode).  If
-the process dies before that, the rows come back on reopen and are sent again; the
-hub recognises them as duplicates.
+go into the next commit.  An eviction's is due ``group_commit_ms`` after it (it comes
+with an append).  An acknowledgement's waits up to ``TRIM_DELAY_S`` (1 s) for a commit
+to ride -- the next append's, usually -- so that a device sending a record a second
+commits once per record, not twice.  If the process dies before that, the rows come
+back on reopen and are sent again; the hub recognises them as duplicates.
 
 What each mode risks (checked with strace: SQLite 3.40, ext4)
 -------------------------------------------------------------
@@ -105,6 +107,7 @@ MAX_STAGED_BYTES: Final = 16 * 1024 * 1024
 DEFAULT_SYNC_INTERVAL_S: Final = 1.0  # batch: longest an accepted record waits for an fsync
 REASON_EVICTED: Final = "spool-full"  # an accepted record was evicted to make room
 REASON_REFUSED: Final = "refused-spool-full"  # a new record was refused: no room
+TRIM_DELAY_S: Final = 1.0  # acknowledged rows wait this long for a commit to ride
 SEQ_RESERVE_BLOCK: Final = 50_000  # seqs reserved per synced meta write
 SCHEMA_VERSION: Final = 1
 _COMPACT_AT: Final = 1024  # dead index entries tolerated before the lists are compacted
@@ -425,6 +428,8 @@ class Spool:
         self._deletes: list[tuple[int, int, int]] = []  # (lane, lo, hi) of evicted rows
         self._ack_deletes: dict[int, int] = {}  # lane -> delete rows <= this seq
         self._dirty_since: float | None = None
+        self._trim_since: float | None = None  # acked rows to delete, nothing else dirty
+        self.trim_delay_s = max(TRIM_DELAY_S, self.group_commit_s)
         self._sync_due: float | None = None
         self._clock = now  # latest ``now`` seen; dates changes made by calls without one
         self.accepted = 0
@@ -588,12 +593,13 @@ class Spool:
         """
         self._check_open()
         self._clock = now
-        if self._dirty_since is not None:
+        trims_due = self._trim_since is not None and now >= self._trim_since + self.trim_delay_s
+        if self._dirty_since is not None or trims_due:
             self._write()
             self._committed_seq = self._last_seq
             self.accepted += self._staged_appends
             self._staged_appends = 0
-            self._dirty_since = None
+            self._dirty_since = self._trim_since = None
             if self.durability == "batch" and self._sync_due is None:
                 self._sync_due = now + self.sync_interval_s
         if self._sync_due is not None and now >= self._sync_due:
@@ -610,6 +616,8 @@ class Spool:
         times = [t for t in (self._sync_due,) if t is not None]
         if self._dirty_since is not None:
             times.append(self._dirty_since + self.group_commit_s)
+        elif self._trim_since is not None:
+            times.append(self._trim_since + self.trim_delay_s)
         return min(times) if times else None
 
     def _write(self) -> None:
@@ -719,8 +727,8 @@ class Spool:
         if cut.disk is not None:
             self._ack_deletes[lane] = max(self._ack_deletes.get(lane, 0), cut.disk[1])
         q.acked = max(q.acked, upto)
-        if changed:
-            self._touch(self._clock)
+        if changed and self._trim_since is None:
+            self._trim_since = self._clock  # rides the next commit, at the latest trim_delay_s on
 
     def protect(self, lane: int, upto: int) -> None:
         """Records of ``lane`` with seq <= ``upto`` (in flight) may not be evicted; 0 releases."""
@@ -784,6 +792,8 @@ class Spool:
         if self._closed:
             return
         try:
+            if self._trim_since is not None and self._dirty_since is None:
+                self._dirty_since = self._trim_since  # the acknowledged rows go now
             self.commit(self._clock if now is None else now)
             self._write_reserved(self._last_seq)  # clean stop: the next start continues densely
             self._sync()

@@ -22,6 +22,7 @@ from edge.spool import (
     REASON_EVICTED,
     REASON_REFUSED,
     ROW_OVERHEAD_BYTES,
+    TRIM_DELAY_S,
     RecordTooLargeError,
     Spool,
     SpoolStorageError,
@@ -285,16 +286,48 @@ def test_acks_are_persisted_by_the_next_commit(tmp_path: Path) -> None:
     a = put(s, T, 5)
     s.acked(T, a[2])
     assert s.acked_mark(T) == a[2] and seqs(s, T) == a[3:]
-    assert s.next_commit_at() == pytest.approx(1.02)
+    # an acknowledgement alone waits up to TRIM_DELAY_S for a commit to ride
+    assert s.next_commit_at() == pytest.approx(1.0 + TRIM_DELAY_S)
     crash(s)  # the ack was not committed: the records come back (the hub dedups the resend)
     s = open_spool(db, now=2.0)
     assert s.acked_mark(T) == 0 and seqs(s, T) == a
     s.acked(T, a[2])
-    s.commit(2.0)
+    s.commit(2.5)  # not due yet: nothing written
     crash(s)
     s = open_spool(db, now=3.0)
+    assert s.acked_mark(T) == 0 and seqs(s, T) == a
+    s.acked(T, a[2])
+    s.commit(3.0 + TRIM_DELAY_S)  # due: written
+    crash(s)
+    s = open_spool(db, now=5.0)
     assert s.acked_mark(T) == a[2] and seqs(s, T) == a[3:]
     assert s.depth()[T] == (2, 2 * ROW)
+
+
+@pytest.mark.parametrize("durability", ["always", "batch"])
+def test_an_ack_rides_the_next_append_commit(tmp_path: Path, durability: str) -> None:
+    db = tmp_path / "spool.db"
+    s = open_spool(db, now=1.0, durability=durability)
+    a = put(s, T, 5)
+    s.commit(1.0)
+    s.acked(T, a[2])
+    b = put(s, T, 1, now=1.1)  # always: committed at once; batch: group_commit_ms later
+    if durability == "batch":
+        assert s.next_commit_at() == pytest.approx(1.1 + s.group_commit_s)
+        s.commit(1.1 + s.group_commit_s)  # one transaction: the append and the trim
+    crash(s)
+    s = open_spool(db, now=3.0)
+    assert s.acked_mark(T) == a[2] and seqs(s, T) == a[3:] + b
+
+
+def test_a_clean_close_writes_pending_acks(tmp_path: Path) -> None:
+    db = tmp_path / "spool.db"
+    s = open_spool(db, now=1.0)
+    a = put(s, T, 5)
+    s.acked(T, a[2])
+    s.close(1.1)
+    s = open_spool(db, now=2.0)
+    assert s.acked_mark(T) == a[2] and seqs(s, T) == a[3:]
 
 
 def test_a_failed_always_commit_refuses_the_record(tmp_path: Path) -> None:
