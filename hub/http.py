@@ -34,6 +34,19 @@ from transport.errors import SquallError
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    """One unlabelled counter."""
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def counters_by(name: str, doc: str, label: str, values: dict[str, float]) -> CounterMetricFamily:
+    """One counter family with a sample per ``label`` value."""
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key, value in values.items():
+        family.add_metric([key], value)
+    return family
+
+
 class HubCollector:
     """Reads the hub's plain counters at scrape time (no per-record metric calls)."""
 
@@ -46,16 +59,15 @@ class HubCollector:
         c = hub.counters
         ep = hub.endpoint.counters
 
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            return CounterMetricFamily(name, doc, value=value)
-
         yield GaugeMetricFamily(
             "squall_hub_sessions", "Live device sessions", value=len(hub.endpoint.connections)
         )
-        hs = CounterMetricFamily("squall_hub_handshakes", "Completed handshakes", labels=["kind"])
-        hs.add_metric(["fresh"], c["handshakes_fresh"])
-        hs.add_metric(["resumed"], c["handshakes_resumed"])
-        yield hs
+        yield counters_by(
+            "squall_hub_handshakes",
+            "Completed handshakes",
+            "kind",
+            {"fresh": c["handshakes_fresh"], "resumed": c["handshakes_resumed"]},
+        )
         yield counter(
             "squall_hub_handshakes_early_data",
             "Resumed handshakes whose 0-RTT data was accepted (part of kind=resumed)",
@@ -67,18 +79,18 @@ class HubCollector:
         yield counter("squall_hub_duplicates", "Duplicate records not stored", c["duplicates"])
         driver = hub.driver
         if driver is not None:  # the UDP socket: every datagram, handshakes and junk included
-            udp = CounterMetricFamily(
-                "squall_hub_udp_datagrams", "UDP datagrams, hub socket", labels=["direction"]
+            yield counters_by(
+                "squall_hub_udp_datagrams",
+                "UDP datagrams, hub socket",
+                "direction",
+                {"in": driver.received_datagrams, "out": driver.sent_datagrams},
             )
-            udp.add_metric(["in"], driver.received_datagrams)
-            udp.add_metric(["out"], driver.sent_datagrams)
-            yield udp
-            udp_bytes = CounterMetricFamily(
-                "squall_hub_udp_bytes", "UDP payload bytes, hub socket", labels=["direction"]
+            yield counters_by(
+                "squall_hub_udp_bytes",
+                "UDP payload bytes, hub socket",
+                "direction",
+                {"in": driver.received_bytes, "out": driver.sent_bytes},
             )
-            udp_bytes.add_metric(["in"], driver.received_bytes)
-            udp_bytes.add_metric(["out"], driver.sent_bytes)
-            yield udp_bytes
         yield counter(
             "squall_hub_out_of_order_batches",
             "Batches past a gap, dropped for the edge to resend (counted as sessions end)",
@@ -196,20 +208,15 @@ def jetstream_metrics(hub: Hub) -> Iterator[Metric]:
         return
     st = hub.jslog.stats
 
-    def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-        return CounterMetricFamily(name, doc, value=value)
-
     yield counter(
         "squall_hub_jetstream_published", "Batches JetStream acknowledged as new", st.published
     )
-    dup = CounterMetricFamily(
+    yield counters_by(
         "squall_hub_jetstream_duplicates",
         "Repeats not stored: whole batches by message id (window), records by range check",
-        labels=["kind"],
+        "kind",
+        {"window": st.duplicates_window, "range": st.duplicates_skipped},
     )
-    dup.add_metric(["window"], st.duplicates_window)
-    dup.add_metric(["range"], st.duplicates_skipped)
-    yield dup
     yield counter(
         "squall_hub_jetstream_commit_failures",
         "Group commits and hub records JetStream did not confirm (nothing ACKed)",
@@ -252,25 +259,22 @@ def kernel_metrics(hub: Hub) -> Iterator[Metric]:
     kernel = hub.subs.kernel
     k = kernel.counters
 
-    def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-        return CounterMetricFamily(name, doc, value=value)
-
     yield counter("squall_kernel_routed", "Committed entries offered to the kernel", k.routed)
     yield counter("squall_kernel_matches", "Entries that matched a queue", k.matches)
     hits, misses = kernel.match_cache()
-    cache = CounterMetricFamily(
-        "squall_kernel_match_cache", "Subject match cache lookups", labels=["result"]
+    yield counters_by(
+        "squall_kernel_match_cache",
+        "Subject match cache lookups",
+        "result",
+        {"hit": hits, "miss": misses},
     )
-    cache.add_metric(["hit"], hits)
-    cache.add_metric(["miss"], misses)
-    yield cache
     yield counter("squall_kernel_delivered", "Entries handed to subscribers", k.delivered)
-    dropped = CounterMetricFamily(
-        "squall_kernel_dropped", "Entries a queue lost, by reason", labels=["reason"]
+    yield counters_by(
+        "squall_kernel_dropped",
+        "Entries a queue lost, by reason",
+        "reason",
+        {"drop-oldest": k.dropped_overflow, "retention": k.skipped_retention},
     )
-    dropped.add_metric(["drop-oldest"], k.dropped_overflow)
-    dropped.add_metric(["retention"], k.skipped_retention)
-    yield dropped
     per_queue = CounterMetricFamily(
         "squall_kernel_queue_dropped",
         "Entries a drop-oldest queue dropped",

@@ -10,10 +10,26 @@ from typing import TYPE_CHECKING
 import pytest
 import yaml
 
+from hub.log import Log
 from transport import certs
 
 if TYPE_CHECKING:
     from tests.integration.realpeers import Rsyslog
+
+
+def device_seqs(db: Path, device: str) -> list[int]:
+    """Seqs of ``device``'s own records in the hub log at ``db``, in log order (the hub's
+    presence records left out)."""
+    log = Log(str(db))
+    try:
+        out: list[int] = []
+        offset = log.first_offset()
+        while batch := log.read(offset, 10_000):
+            out.extend(e.seq for e in batch if e.device == device and e.incarnation != 0)
+            offset = batch[-1].offset + 1
+        return out
+    finally:
+        log.close()
 
 
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:

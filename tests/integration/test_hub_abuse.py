@@ -42,7 +42,6 @@ from edge.agent import Agent
 from edge.config import load_edge_config
 from hub.config import load_hub_config
 from hub.http import start_http
-from hub.log import Log
 from hub.server import Hub
 from transport import certs
 from transport.aio import open_driver
@@ -64,7 +63,7 @@ from transport.wire import (
     encode_heartbeat,
 )
 
-from .conftest import write_edge_config, write_hub_config
+from .conftest import device_seqs, write_edge_config, write_hub_config
 from .quicharness import Edge, connect_edge, edge_tls
 
 pytestmark = pytest.mark.integration
@@ -86,20 +85,6 @@ async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "co
         if loop.time() > end:
             raise AssertionError(f"{what}: not met in {timeout} s")
         await asyncio.sleep(0.01)
-
-
-def device_seqs(db: Path, device: str) -> list[int]:
-    """Seqs of ``device``'s own records in the hub log (presence records left out)."""
-    log = Log(str(db))
-    try:
-        out: list[int] = []
-        offset = log.first_offset()
-        while batch := log.read(offset, 10_000):
-            out.extend(e.seq for e in batch if e.device == device and e.incarnation != 0)
-            offset = batch[-1].offset + 1
-        return out
-    finally:
-        log.close()
 
 
 class Publisher:

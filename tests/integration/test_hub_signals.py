@@ -20,14 +20,13 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from hub.log import Log
 from transport import certs
 from transport.batchcodec import Record
 from transport.errors import ErrorCode
 from transport.events import Acked, PeerError, Welcomed
 from transport.wire import Lane
 
-from .conftest import write_hub_config
+from .conftest import device_seqs, write_hub_config
 from .quicharness import Edge, connect_edge, edge_tls
 
 pytestmark = pytest.mark.integration
@@ -121,20 +120,6 @@ async def scrape(cfg: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def logged(db: Path, device: str) -> list[int]:
-    """Seqs of ``device``'s own records in the log, in log order."""
-    log = Log(str(db))
-    try:
-        out: list[int] = []
-        offset = log.first_offset()
-        while batch := log.read(offset, 10_000):
-            out.extend(e.seq for e in batch if e.device == device and e.incarnation != 0)
-            offset = batch[-1].offset + 1
-        return out
-    finally:
-        log.close()
-
-
 def test_sighup_reloads_the_deny_list_by_exact_device_id_and_by_serial(
     tmp_path: Path, pki: Path, hubs: list[HubProcess]
 ) -> None:
@@ -175,7 +160,7 @@ def test_sighup_reloads_the_deny_list_by_exact_device_id_and_by_serial(
     assert outcome["Truck-7"] == (ErrorCode.REVOKED, "device acme/Truck-7 is revoked")
     assert outcome["serialdev"] == (ErrorCode.REVOKED, "device acme/serialdev is revoked")
     assert outcome["lookalike"] is None and outcome["again"] is False
-    assert logged(tmp_path / "hub.db", "truck-7") == [1, 2, 3, 4, 5]
+    assert device_seqs(tmp_path / "hub.db", "truck-7") == [1, 2, 3, 4, 5]
 
 
 def test_sigterm_commits_an_unacked_batch_then_says_going_away(
@@ -215,4 +200,4 @@ def test_sigterm_commits_an_unacked_batch_then_says_going_away(
     assert outcome["acked"] == (records, 0)  # the ACK came before the close
     assert outcome["lost"] == (ErrorCode.GOING_AWAY, "hub shutting down")
     assert outcome["errors"] == [(ErrorCode.GOING_AWAY, "hub shutting down")]
-    assert logged(tmp_path / "hub.db", "t1") == list(range(1, records + 1))
+    assert device_seqs(tmp_path / "hub.db", "t1") == list(range(1, records + 1))
