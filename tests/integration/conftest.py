@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,16 @@ from transport import certs
 
 if TYPE_CHECKING:
     from tests.integration.realpeers import Rsyslog
+
+
+async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Wait (polling every 10 ms) until ``cond()`` holds; AssertionError after ``timeout`` s."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        if loop.time() > end:
+            raise AssertionError(f"{what}: not met in {timeout} s")
+        await asyncio.sleep(0.01)
 
 
 def device_seqs(db: Path, device: str) -> list[int]:

@@ -63,7 +63,7 @@ from transport.wire import (
     encode_heartbeat,
 )
 
-from .conftest import device_seqs, write_edge_config, write_hub_config
+from .conftest import device_seqs, until, write_edge_config, write_hub_config
 from .quicharness import Edge, connect_edge, edge_tls
 
 pytestmark = pytest.mark.integration
@@ -76,15 +76,6 @@ TELEMETRY = int(Lane.TELEMETRY)
 
 def run(main: Callable[[], Any], timeout: float = 60) -> None:
     asyncio.run(asyncio.wait_for(main(), timeout))
-
-
-async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"{what}: not met in {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 class Publisher:

@@ -11,7 +11,7 @@ import asyncio
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from transport.errors import ErrorCode
 from transport.events import Acked, PeerError, Welcomed
 from transport.wire import Lane
 
-from .conftest import device_seqs, write_hub_config
+from .conftest import device_seqs, until, write_hub_config
 from .quicharness import Edge, connect_edge, edge_tls
 
 pytestmark = pytest.mark.integration
@@ -77,15 +77,6 @@ def hubs() -> Iterator[list[HubProcess]]:
     yield started
     for hub in started:
         hub.kill()
-
-
-async def until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"{what}: not met in {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 async def connected(hub: HubProcess, pki: Path, device: str) -> Edge:
