@@ -28,6 +28,23 @@ async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "co
         await asyncio.sleep(0.01)
 
 
+async def scrape(listen: str, token: str) -> dict[str, float]:
+    """The hub's unlabelled counter and gauge samples from /metrics, as {name: value}."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url, auth = f"http://{listen}/metrics", {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession() as http, http.get(url, headers=auth) as r:
+        text = await r.text()
+    return {
+        s.name: s.value
+        for fam in text_string_to_metric_families(text)
+        if fam.type in ("counter", "gauge")
+        for s in fam.samples
+        if not s.labels
+    }
+
+
 def device_seqs(db: Path, device: str) -> list[int]:
     """Seqs of ``device``'s own records in the hub log at ``db``, in log order (the hub's
     presence records left out)."""

@@ -26,11 +26,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 import pytest
 from aioquic.quic.packet import QuicErrorCode
 from cryptography import x509
-from prometheus_client.parser import text_string_to_metric_families
 
 from hub.config import HubConfig, load_hub_config
 from hub.log import Log
@@ -45,7 +43,7 @@ from transport.quic import ConnectionLost, EdgeEndpoint, EdgeTls
 from transport.session import EdgeSession, SenderConfig
 from transport.wire import Lane
 
-from .conftest import write_hub_config
+from .conftest import scrape, write_hub_config
 
 pytestmark = pytest.mark.integration
 
@@ -160,25 +158,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def scrape(cfg: HubConfig) -> dict[str, float]:
-    """The hub's /metrics samples (no histograms) as {name: value}."""
-    url = f"http://{cfg.http.listen}/metrics"
-    auth = {"Authorization": f"Bearer {cfg.http.token}"}
-    async with aiohttp.ClientSession() as http, http.get(url, headers=auth) as r:
-        text = await r.text()
-    return {
-        s.name: s.value
-        for fam in text_string_to_metric_families(text)
-        if fam.type in ("counter", "gauge")
-        for s in fam.samples
-        if not s.labels
-    }
-
-
 async def until_metric(cfg: HubConfig, name: str, value: float, timeout: float) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
-    while (m := await scrape(cfg)).get(name) != value:
+    while (m := await scrape(cfg.http.listen, cfg.http.token)).get(name) != value:
         if loop.time() > end:
             raise AssertionError(f"{name} is {m.get(name)}, not {value}, after {timeout} s")
         await asyncio.sleep(0.1)
@@ -262,14 +245,15 @@ def test_thousand_devices_every_record_once_and_memory_per_idle_session(
             try:
                 await asyncio.wait_for(settled, 75)
             except TimeoutError:
-                raise AssertionError(fleet_summary(devices, await scrape(cfg))) from None
+                metrics = await scrape(cfg.http.listen, cfg.http.token)
+                raise AssertionError(fleet_summary(devices, metrics)) from None
             fig["seconds"], fig["hub_cpu"] = time.monotonic() - t0, cpu_seconds(proc.pid) - cpu0
             assert all(d.acked.is_set() for d in devices), fleet_summary(devices, {})
             # all connected, all acknowledged, nothing more to say: idle
             await until_metric(cfg, "squall_hub_sessions", DEVICES, 10)
             await asyncio.sleep(1.0)
             fig["rss_after"], fig["edge_rss_after"] = rss_kib(proc.pid), rss_kib()
-            m = await scrape(cfg)
+            m = await scrape(cfg.http.listen, cfg.http.token)
             fig["busy_refused"] = m["squall_hub_busy_refused_total"]
             fig["committed"] = m["squall_hub_records_committed_total"]
             fig["auth_failed"] = m["squall_hub_auth_failed_total"]

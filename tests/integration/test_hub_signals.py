@@ -15,10 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from transport import certs
 from transport.batchcodec import Record
@@ -26,7 +24,7 @@ from transport.errors import ErrorCode
 from transport.events import Acked, PeerError, Welcomed
 from transport.wire import Lane
 
-from .conftest import device_seqs, until, write_hub_config
+from .conftest import device_seqs, scrape, until, write_hub_config
 from .quicharness import Edge, connect_edge, edge_tls
 
 pytestmark = pytest.mark.integration
@@ -97,20 +95,6 @@ def acked(edge: Edge) -> int:
     return max((e.upto for e in edge.events if isinstance(e, Acked)), default=0)
 
 
-async def scrape(cfg: dict[str, Any]) -> dict[str, float]:
-    """The hub's unlabelled counter and gauge samples."""
-    url = f"http://{cfg['http']['listen']}/metrics"
-    auth = {"Authorization": f"Bearer {cfg['http']['token']}"}
-    async with aiohttp.ClientSession() as http, http.get(url, headers=auth) as r:
-        text = await r.text()
-    return {
-        s.name: s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-        if not s.labels
-    }
-
-
 def test_sighup_reloads_the_deny_list_by_exact_device_id_and_by_serial(
     tmp_path: Path, pki: Path, hubs: list[HubProcess]
 ) -> None:
@@ -170,7 +154,10 @@ def test_sigterm_commits_an_unacked_batch_then_says_going_away(
         send(edge, "t1", 1, records)
         loop = asyncio.get_running_loop()
         end = loop.time() + 10
-        while (m := await scrape(hub.cfg))["squall_hub_records_in_total"] < records:
+        http = hub.cfg["http"]
+        while (m := await scrape(http["listen"], http["token"]))[
+            "squall_hub_records_in_total"
+        ] < records:
             assert loop.time() < end, m
             await asyncio.sleep(0.05)
         # accepted by the hub, not yet committed, so not acknowledged: the device holds it
