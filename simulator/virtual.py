@@ -16,6 +16,11 @@ right after a session hands it a batch (so an uncommitted group is lost every ti
 restarts it on the same log ``down_s`` later; the edges find out and reconnect.  Only
 accepted records count: each must reach the durable consumer exactly once.
 
+Two cores (``processes``, default 2): the devices are dealt out to forked worker
+processes and every process runs its share in lockstep windows as long as the link's
+least one-way delay (``simulator.vparallel``).  The report is the same for the same seed
+and process count; against a one-process run only the last moments of the drain differ.
+
 What differs from the real world, on purpose: the process crash drops memory only (no
 power cut: a batch-durable spool keeps every commit); the work directory defaults to a
 tmpfs, because the checkpoints' fsyncs would otherwise cost more than all the rest.
@@ -27,6 +32,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import random
 import shutil
 import sys
@@ -35,17 +41,19 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Final
 
-from simulator.linkmodel import LinkParams, derive_seed
+from simulator.linkmodel import DirectionStats, LinkParams, derive_seed
 from simulator.profiles import DEFAULT_PROFILES_PATH, get_profile
 from simulator.telemetry import Drive
 from simulator.vclock import EventQueue, Kind, TimerSlot, datetime_clock
-from simulator.vedge import EdgeSettings, VirtualEdge
+from simulator.vedge import EdgeCounters, EdgeSettings, VirtualEdge
 from simulator.vehicle import FAULT_CODES
 from simulator.vhub import HubSettings, VirtualHub
-from simulator.vnet import DevicePath, VirtualNetwork
+from simulator.vnet import DevicePath, NetCounters, VirtualNetwork
+from simulator.vparallel import MIN_LOOKAHEAD_S, Workers, assign_ranks, lookahead_s
 from simulator.vpki import VirtualPki
 from simulator.vreport import (
     DeliverySink,
@@ -59,6 +67,7 @@ from transport.errors import ConfigError, SpoolFullError, SquallError
 from transport.wire import LANES, Lane
 
 HUB_CRASH_GRACE_S: Final = 30.0  # a hub crash waits this long at most for a batch to lose
+MAX_PROCESSES: Final = 64
 _PROGRESS_EVERY_S: Final = 300.0
 
 
@@ -97,11 +106,16 @@ class VirtualFleetConfig:
     hub_crashes: list[HubCrash] = field(default_factory=list)
     edge: EdgeSettings = field(default_factory=EdgeSettings)
     hub: HubSettings = field(default_factory=HubSettings)
+    # Processes to split the run over (``simulator.vparallel``): 1 runs everything here.
+    # A profile whose least one-way delay is under 5 ms runs in one process regardless.
+    processes: int = 2
 
     def validate(self) -> None:
         """Raise ValueError naming the setting when the run cannot make sense."""
         if self.devices < 1 or self.rate <= 0 or self.duration_s <= 0:
             raise ValueError("devices, rate and duration must be positive")
+        if not 1 <= self.processes <= MAX_PROCESSES:
+            raise ValueError(f"processes: expected 1..{MAX_PROCESSES}, got {self.processes}")
         if self.drain_s < 0 or self.consumer_poll_s <= 0 or self.outage_s < 0:
             raise ValueError("drain and outage must be >= 0, consumer_poll_s > 0")
         for c in self.edge_crashes:
@@ -152,6 +166,34 @@ class Vehicle:
         return out
 
 
+@dataclass(slots=True)
+class _DeviceResult:
+    """What the report needs of one device, from whichever process ran it (picklable)."""
+
+    index: int
+    name: str
+    sent: int
+    refused: int
+    accepted: dict[int, list[int]]
+    evicted: dict[str, int]
+    counters: EdgeCounters
+    held: set[tuple[int, int]]  # (incarnation, seq) still in the spool at the end
+    up: DirectionStats
+    down: DirectionStats
+    timer_nudges: int
+
+
+@dataclass(slots=True)
+class _RankResult:
+    """A worker's share of the report, sent to rank 0 at the end (picklable)."""
+
+    devices: list[_DeviceResult]
+    events: int
+    network: NetCounters
+    faults: list[dict[str, Any]]
+    cpu_s: float
+
+
 @dataclass(eq=False, slots=True)
 class _Device:
     path: DevicePath
@@ -185,6 +227,18 @@ class VirtualFleet:
         self.clock = datetime_clock(self.queue)
         names = [f"truck-{i:03d}" for i in range(config.devices)]
         self.net = VirtualNetwork(self.queue, lambda i, n: self.params, names, config.seed)
+        # A split run (simulator.vparallel): windows as long as the least link delay.
+        self.lookahead = lookahead_s(self.params)
+        self.processes = config.processes if self.lookahead >= MIN_LOOKAHEAD_S else 1
+        self.processes = min(self.processes, config.devices)
+        self.rank = 0
+        for path, owner in zip(
+            self.net.paths, assign_ranks(config.devices, self.processes), strict=True
+        ):
+            path.owner = owner
+        self._up_out: list[tuple[float, int, tuple[bytes, Any]]] = []  # worker -> hub
+        self._down_out: dict[int, list[tuple[float, int, bytes, Any]]] = {}  # hub -> rank
+        self._remote_status: dict[int, tuple[bool, int, int] | None] = {}
         self.pki = VirtualPki()
         self.sink = DeliverySink()
         self.faults: list[dict[str, Any]] = []
@@ -197,6 +251,15 @@ class VirtualFleet:
         self._done = False
         self._next_progress = _PROGRESS_EVERY_S
         self.devices = self._make_devices(names)
+        self._handlers: dict[Kind, Callable[[Any, Any], None]] = {
+            Kind.PUBLISH: self._on_sample,
+            Kind.TO_HUB: self._on_to_hub,
+            Kind.TO_EDGE: self._on_to_edge,
+            Kind.EDGE_TIMER: self._on_edge_timer,
+            Kind.HUB_TIMER: self._on_hub_timer,
+            Kind.FAULT: self._on_fault,
+            Kind.CONSUMER: self._on_consumer,
+        }
 
     def _make_devices(self, names: list[str]) -> list[_Device]:
         cfg = self.cfg
@@ -224,43 +287,163 @@ class VirtualFleet:
     def run(self) -> dict[str, Any]:
         """Simulate until every spool is empty after the drive (or the drain runs out)."""
         started = time.perf_counter()
+        if self.processes > 1:
+            return self._run_split(started)
         self._start()
-        handlers: dict[Kind, Callable[[Any, Any], None]] = {
-            Kind.PUBLISH: self._on_sample,
-            Kind.TO_HUB: self._on_to_hub,
-            Kind.TO_EDGE: self._on_to_edge,
-            Kind.EDGE_TIMER: self._on_edge_timer,
-            Kind.HUB_TIMER: self._on_hub_timer,
-            Kind.FAULT: self._on_fault,
-            Kind.CONSUMER: self._on_consumer,
-        }
-        q = self.queue
-        end = self.cfg.duration_s + self.cfg.drain_s
+        self._run_events(math.inf)
+        if not self._done:
+            self.queue.now = self._end
+        results = self._finish()
+        return self._report(results, [], time.perf_counter() - started)
+
+    @property
+    def _end(self) -> float:
+        return self.cfg.duration_s + self.cfg.drain_s
+
+    def _run_events(self, before: float) -> None:
+        """Run the queue's events due before ``before`` (and by the end), until done."""
+        q, handlers, end = self.queue, self._handlers, self._end
         while not self._done:
             t = q.peek_time()
-            if t is None or t > end:
-                q.now = end
-                break
+            if t is None or t >= before or t > end:
+                return
             ev = q.pop()
             assert ev is not None
             handlers[ev[2]](ev[3], ev[4])
-        held = self._finish()
-        return self._report(held, time.perf_counter() - started)
+
+    def _local(self, dev: _Device) -> bool:
+        return dev.path.owner == self.rank
 
     def _start(self) -> None:
         cfg, q = self.cfg, self.queue
-        self._start_hub()
+        if self.rank == 0:
+            self._start_hub()
         for dev in self.devices:
-            dev.edge.boot(0.0)
-            self._flush_edge(dev)
-            q.at(dev.phase, Kind.PUBLISH, dev)
+            if self._local(dev):
+                dev.edge.boot(0.0)
+                self._flush_edge(dev)
+                q.at(dev.phase, Kind.PUBLISH, dev)
         for crash in cfg.edge_crashes:
-            q.at(crash.at_s, Kind.FAULT, None, ("edge-crash", crash))
-        for hub_crash in cfg.hub_crashes:
-            q.at(hub_crash.at_s, Kind.FAULT, None, ("hub-crash", hub_crash))
+            if self._local(self.devices[crash.device]):
+                q.at(crash.at_s, Kind.FAULT, None, ("edge-crash", crash))
         if cfg.outage_s > 0:
             q.at(cfg.outage_at_s, Kind.FAULT, None, ("outage", cfg.outage_s))
-        q.at(cfg.consumer_poll_s, Kind.CONSUMER)
+        if self.rank == 0:
+            for hub_crash in cfg.hub_crashes:
+                q.at(hub_crash.at_s, Kind.FAULT, None, ("hub-crash", hub_crash))
+            q.at(cfg.consumer_poll_s, Kind.CONSUMER)
+
+    # -- a split run (simulator.vparallel) ------------------------------------------
+
+    def _run_split(self, started: float) -> dict[str, Any]:
+        """Rank 0's side: the hub and its devices, in windows with the workers."""
+        workers = Workers(self.processes, self._work)
+        try:
+            self.net.remote_down = self._to_remote_device
+            self._down_out = {r: [] for r in range(1, self.processes)}
+            self._remote_status = {r: None for r in range(1, self.processes)}
+            self._start()
+            start = 0.0
+            while True:
+                before = start + self.lookahead
+                self._run_events(before)
+                nxt = self._gather(workers, before)
+                if self._done or nxt > self._end:
+                    break
+                start = max(before, nxt)
+                want = self._want_status(start + self.lookahead)
+                for r, out in self._down_out.items():
+                    workers.send(r, ("window", out, start, want))
+                    self._down_out[r] = []
+            if not self._done:
+                self.queue.now = self._end
+            results = self._finish()
+            remote: list[_RankResult] = []
+            for r in range(1, self.processes):
+                workers.send(r, ("finish", self.queue.now))
+            for r in range(1, self.processes):
+                remote.append(workers.recv(r))
+        except BaseException:
+            workers.close(kill=True)
+            raise
+        workers.close()
+        return self._report(results, remote, time.perf_counter() - started)
+
+    def _gather(self, workers: Workers, before: float) -> float:
+        """Take the workers' datagrams of the window; the start of the next window."""
+        q = self.queue
+        times: list[float] = []
+        for r in range(1, self.processes):
+            _, up, nxt, status = workers.recv(r)
+            if status is not None:
+                self._remote_status[r] = status
+            if nxt is not None:
+                times.append(nxt)
+            paths = self.net.paths
+            for t, index, payload in up:
+                if t < before:
+                    raise RuntimeError(
+                        f"virtual run: a datagram from {paths[index].name} arrives at {t}, "
+                        f"before the window's end {before} (lookahead too long)"
+                    )
+                q.at(t, Kind.TO_HUB, paths[index], payload)
+        head = q.peek_time()  # the workers' datagrams included
+        if head is not None:
+            times.append(head)
+        for out in self._down_out.values():
+            if out:
+                times.append(out[0][0] + self.lookahead)
+        return min(times, default=math.inf)
+
+    def _want_status(self, before: float) -> bool:
+        """Whether the workers' spool depths are needed at the end of the next window."""
+        if before >= self.cfg.duration_s:
+            return True
+        return self.progress is not None and before >= self._next_progress
+
+    def _to_remote_device(self, now: float, path: DevicePath, data: bytes, addr: Any) -> None:
+        self._down_out[path.owner].append((now, path.index, data, addr))
+
+    def _to_remote_hub(self, t: float, path: DevicePath, payload: tuple[bytes, Any]) -> None:
+        self._up_out.append((t, path.index, payload))
+
+    def _work(self, rank: int, link: Connection) -> None:
+        """A worker's whole run: its devices, in windows with rank 0, then its results."""
+        self.rank = self.net.rank = rank
+        self.net.remote_up = self._to_remote_hub
+        self._start()
+        start, want = 0.0, False
+        while True:
+            before = start + self.lookahead
+            self._run_events(before)
+            status = self._status() if want else None
+            link.send(("window", self._up_out, self.queue.peek_time(), status))
+            self._up_out = []
+            msg = link.recv()
+            if msg[0] == "finish":
+                break
+            _, down, start, want = msg
+            paths = self.net.paths
+            for sent, index, data, addr in down:
+                self.net.down_from_hub(paths[index], data, addr, sent, not_before=before)
+        self.queue.now = max(self.queue.now, msg[1])
+        link.send(
+            _RankResult(
+                self._finish(),
+                self.queue.processed,
+                self.net.counters,
+                self.faults,
+                time.process_time(),
+            )
+        )
+
+    def _status(self) -> tuple[bool, int, int]:
+        """(every spool empty, records accepted, records spooled) of this rank's devices."""
+        mine = [d for d in self.devices if self._local(d)]
+        drained = all(d.edge.up and d.edge.spooled() == 0 for d in mine)
+        accepted = sum(len(s) for d in mine for s in d.edge.accepted.values())
+        spooled = sum(d.edge.spooled() for d in mine if d.edge.up)
+        return drained, accepted, spooled
 
     def _start_hub(self) -> None:
         now = self.queue.now
@@ -343,7 +526,8 @@ class VirtualFleet:
             arg["restarted_at_s"] = round(self.queue.now, 6)
         elif kind == "outage":
             for path in self.net.paths:
-                path.link.force_outage(self.queue.now, arg)
+                if path.owner == self.rank:
+                    path.link.force_outage(self.queue.now, arg)
 
     def _on_consumer(self, _: Any, __: Any) -> None:
         now = self.queue.now
@@ -418,11 +602,17 @@ class VirtualFleet:
     def _drained(self) -> bool:
         if self._hub_crash_down_s is not None:
             return False
-        return all(dev.edge.up and dev.edge.spooled() == 0 for dev in self.devices)
+        # a worker's devices as of the last window's end
+        if not all(s is not None and s[0] for s in self._remote_status.values()):
+            return False
+        return self._status()[0]
 
     def _progress_line(self, now: float) -> str:
-        accepted = sum(len(s) for d in self.devices for s in d.edge.accepted.values())
-        spooled = sum(d.edge.spooled() for d in self.devices if d.edge.up)
+        _, accepted, spooled = self._status()
+        for status in self._remote_status.values():
+            if status is not None:
+                accepted += status[1]
+                spooled += status[2]
         online = self.hub.presence.counts()["online"] if self.hub is not None else 0
         return (
             f"  t={now:7.0f}s  accepted {accepted:8d}  delivered "
@@ -430,40 +620,69 @@ class VirtualFleet:
             f"  online {online:3d}/{len(self.devices)}"
         )
 
-    def _finish(self) -> dict[str, set[tuple[int, int]]]:
-        """Last consumer pass, what each spool still holds, then a clean stop of everyone."""
+    def _finish(self) -> list[_DeviceResult]:
+        """Last consumer pass, what each spool still holds, then a clean stop of everyone
+        (of this rank: the hub in rank 0, and the devices the rank runs)."""
         now = self.queue.now
-        if self.hub is None:
-            self._start_hub()
-        hub = self.hub
-        assert hub is not None
-        hub.commit_open_group(now)
-        hub.poll_consumer(self.sink.take)
-        held: dict[str, set[tuple[int, int]]] = {}
-        for dev in self.devices:
-            edge = dev.edge
-            if not edge.up:
-                edge.boot(now)
-            assert edge.spool is not None
-            inc = edge.spool.incarnation
-            held[dev.path.name] = {
-                (inc, r.seq) for lane in LANES for r in edge.spool.pending(lane, 0, 1 << 30)
-            }
-            edge.close(now)
-        self.hub_totals.update(hub.totals())
-        hub.close(now)
-        return held
+        hub = None
+        if self.rank == 0:
+            if self.hub is None:
+                self._start_hub()
+            hub = self.hub
+            assert hub is not None
+            hub.commit_open_group(now)
+            hub.poll_consumer(self.sink.take)
+        results = [self._close_device(dev, now) for dev in self.devices if self._local(dev)]
+        if hub is not None:
+            self.hub_totals.update(hub.totals())
+            hub.close(now)
+        return results
 
-    def _report(self, held: dict[str, set[tuple[int, int]]], wall: float) -> dict[str, Any]:
+    def _close_device(self, dev: _Device, now: float) -> _DeviceResult:
+        edge = dev.edge
+        if not edge.up:
+            edge.boot(now)
+        assert edge.spool is not None
+        inc = edge.spool.incarnation
+        held = {(inc, r.seq) for lane in LANES for r in edge.spool.pending(lane, 0, 1 << 30)}
+        edge.close(now)
+        stats = dev.path.stats()
+        return _DeviceResult(
+            dev.path.index,
+            dev.path.name,
+            dev.sent,
+            dev.refused,
+            edge.accepted,
+            edge.evicted,
+            edge.counters,
+            held,
+            stats.up,
+            stats.down,
+            dev.timer.nudges,
+        )
+
+    def _report(
+        self, results: list[_DeviceResult], remote: list[_RankResult], wall: float
+    ) -> dict[str, Any]:
         cfg = self.cfg
-        outcomes = [self._outcome(dev, held[dev.path.name]) for dev in self.devices]
-        ups = [p.stats().up for p in self.net.paths]
-        downs = [p.stats().down for p in self.net.paths]
-        up, down = direction_totals(ups), direction_totals(downs)
+        net = self.net.counters
+        faults = list(self.faults)
+        events = self.queue.processed
+        for rank in remote:
+            results = results + rank.devices
+            for name in ("nat_expired", "port_closed", "hub_down", "to_unknown_host"):
+                setattr(net, name, getattr(net, name) + getattr(rank.network, name))
+            faults.extend(rank.faults)
+            events += rank.events
+        results.sort(key=lambda r: r.index)
+        faults.sort(key=lambda f: f["at_s"])
+        outcomes = [self._outcome(res) for res in results]
+        up = direction_totals(r.up for r in results)
+        down = direction_totals(r.down for r in results)
         delivered = sum(o.delivered for o in outcomes)
         evicted: dict[str, int] = {}
-        for dev in self.devices:
-            for lane, n in sorted(dev.edge.evicted.items()):
+        for res in results:
+            for lane, n in sorted(res.evicted.items()):
                 if n:
                     evicted[lane] = evicted.get(lane, 0) + n
         summary: dict[str, Any] = {
@@ -482,8 +701,8 @@ class VirtualFleet:
         }
         simulated = round(self.queue.now, 6)
         edge_totals: Counter[str] = Counter()
-        for dev in self.devices:
-            c = dev.edge.counters
+        for res in results:
+            c = res.counters
             for name in ("sessions", "handshakes", "resumed", "early_data", "reconnects"):
                 edge_totals[name] += getattr(c, name)
             edge_totals["retransmitted_records"] += c.retransmitted
@@ -497,40 +716,42 @@ class VirtualFleet:
             "simulated_s": simulated,
             **summary,
             "link": {"up": up, "down": down},
+            "processes": self.processes,
             "network": {
-                "nat_expired": self.net.counters.nat_expired,
-                "port_closed": self.net.counters.port_closed,
-                "hub_down": self.net.counters.hub_down,
-                "to_unknown_host": self.net.counters.to_unknown_host,
+                "nat_expired": net.nat_expired,
+                "port_closed": net.port_closed,
+                "hub_down": net.hub_down,
+                "to_unknown_host": net.to_unknown_host,
             },
             "edge": dict(sorted(edge_totals.items())),
             "hub": dict(sorted(self.hub_totals.items())),
-            "faults": self.faults,
+            "faults": faults,
             "presence_records": self.sink.presence,
             "alerts": {"fired": None, "resolved": None, "note": "no alert rules in virtual runs"},
-            "events": self.queue.processed,
+            "events": events,
             "harness": {
                 "timer_nudges": self.harness["timer_nudges"]
                 + self._hub_timer.nudges
-                + sum(d.timer.nudges for d in self.devices)
+                + sum(r.timer_nudges for r in results)
             },
             "profiles": {cfg.profile: summary},
             "per_device": [o.as_json() for o in outcomes],
             "wall_s": round(wall, 3),
             "speedup": round(simulated / wall, 1) if wall > 0 else 0.0,
+            "cpu_s_by_process": [round(time.process_time(), 2)]
+            + [round(r.cpu_s, 2) for r in remote],
         }
 
-    def _outcome(self, dev: _Device, held: set[tuple[int, int]]) -> DeviceOutcome:
-        edge = dev.edge
-        evicted = sum(edge.evicted.values())
-        got = self.sink.copies.get(dev.path.name, {})
+    def _outcome(self, res: _DeviceResult) -> DeviceOutcome:
+        evicted = sum(res.evicted.values())
+        got = self.sink.copies.get(res.name, {})
         accepted, delivered, dups, lost, still, unexpected = check_device(
-            edge.accepted, got, held, evicted
+            res.accepted, got, res.held, evicted
         )
-        c = edge.counters
+        c = res.counters
         return DeviceOutcome(
-            dev.path.name,
-            dev.sent,
+            res.name,
+            res.sent,
             accepted,
             delivered,
             dups,
@@ -539,7 +760,7 @@ class VirtualFleet:
             evicted,
             unexpected,
             c.unaccepted_at_crash,
-            dev.refused,
+            res.refused,
             c.sessions,
             c.reconnects,
             c.retransmitted,
@@ -576,6 +797,14 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         help="kill the hub at its first accepted batch from AT s on; restart it DOWN_S "
         "later (default 10); repeatable",
     )
+    v.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        metavar="N",
+        help="split the run over N processes, one per core (default 2; 1: one process); "
+        "the report is the same for the same --seed and N",
+    )
     v.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -593,6 +822,7 @@ def config_from_args(args: argparse.Namespace) -> VirtualFleetConfig:
         outage_s=args.outage_s,
         edge_crashes=[_edge_crash(text) for text in args.edge_crash],
         hub_crashes=[_hub_crash(text) for text in args.hub_crash],
+        processes=args.processes,
     )
     try:
         cfg.validate()
@@ -675,7 +905,8 @@ def cli(args: argparse.Namespace) -> int:
         if progress is not None:
             progress(
                 f"squall fleet --virtual: {cfg.devices} vehicles on {cfg.profile}, "
-                f"{cfg.duration_s:.0f} simulated s, seed {cfg.seed}"
+                f"{cfg.duration_s:.0f} simulated s, seed {cfg.seed}, "
+                f"{cfg.processes} process(es)"
             )
         report = run_virtual(cfg, args.out, progress)
     except SquallError as exc:
@@ -700,7 +931,7 @@ def print_summary(r: dict[str, Any]) -> None:
     lat = r["latency_ms"]
     print("\n=== squall fleet --virtual: result ===")
     print(f"simulated / wall              : {r['simulated_s']:.0f} s / {r['wall_s']:.1f} s "
-          f"({r['speedup']}x)")  # fmt: skip
+          f"({r['speedup']}x, {r['processes']} process(es))")  # fmt: skip
     print(f"records sent / accepted       : {r['sent']} / {r['accepted']}")
     print(f"delivered (durable consumer)  : {r['delivered']}")
     print(f"lost / duplicated / unexpected: {r['lost']} / {r['duplicates']} / {r['unexpected']}")

@@ -39,6 +39,7 @@ class DevicePath:
     def __init__(self, index: int, name: str, params: LinkParams, seed: int) -> None:
         self.index = index
         self.name = name
+        self.owner = 0  # the process (rank) that runs the device and both its link directions
         self.host = f"{name}.virtual"
         self.link = Link(params, seed=seed, device=name)
         self._public: dict[tuple[int, int], int] = {}  # (socket port, epoch) -> public port
@@ -79,6 +80,11 @@ class VirtualNetwork:
         self.paths = [DevicePath(i, n, params_for(i, n), seed) for i, n in enumerate(names)]
         self._by_host = {p.host: p for p in self.paths}
         self.counters = NetCounters()
+        # Split runs (``simulator.vparallel``): this process's rank, and where datagrams
+        # go whose next stop runs in another process (None: everything is local).
+        self.rank = 0
+        self.remote_up: Callable[[float, DevicePath, tuple[bytes, Address]], None] | None = None
+        self.remote_down: Callable[[float, DevicePath, bytes, Address], None] | None = None
 
     def send_up(self, path: DevicePath, data: bytes, port: int, now: float) -> None:
         """A device sends ``data`` from its socket ``port`` to the hub."""
@@ -87,7 +93,10 @@ class VirtualNetwork:
             return
         payload = (fate.apply(data), path.public_addr(port, now))
         for t in fate.deliver_at:
-            self.queue.at(t, Kind.TO_HUB, path, payload)
+            if self.remote_up is None:
+                self.queue.at(t, Kind.TO_HUB, path, payload)
+            else:  # the hub runs in rank 0
+                self.remote_up(t, path, payload)
 
     def send_down(self, data: bytes, addr: Address, now: float) -> None:
         """The hub sends ``data`` to ``addr`` (a device's public address)."""
@@ -95,9 +104,29 @@ class VirtualNetwork:
         if path is None:
             self.counters.to_unknown_host += 1
             return
+        if path.owner != self.rank and self.remote_down is not None:
+            # The device's process owns both directions of its link: it decides the fate
+            # there, with the time the hub sent it.
+            self.remote_down(now, path, data, addr)
+            return
+        self.down_from_hub(path, data, addr, now)
+
+    def down_from_hub(
+        self, path: DevicePath, data: bytes, addr: Address, now: float, not_before: float = 0.0
+    ) -> None:
+        """The link's fate for a datagram the hub sent at ``now`` to ``path``'s device.
+
+        ``not_before``: in a split run, the end of the window the datagram was sent in;
+        an arrival before it would break the run's causality (a lookahead too long).
+        """
         fate = path.link.down.submit(now, len(data))
         if fate.drop_cause is not None:
             return
         payload = (fate.apply(data), int(addr[1]))
         for t in fate.deliver_at:
+            if t < not_before:
+                raise RuntimeError(
+                    f"virtual run: a datagram to {path.name} sent at {now} arrives at {t}, "
+                    f"before the window's end {not_before} (lookahead too long)"
+                )
             self.queue.at(t, Kind.TO_EDGE, path, payload)

@@ -3,8 +3,8 @@
 The durable consumer hands every log entry to a ``DeliverySink``; at the end each device's
 accepted records -- (incarnation, seq) pairs, known to the edge shell the moment a group
 commit covered them -- are compared with what the consumer saw.  Nothing in the report
-reads a real clock except ``wall_s`` and ``speedup`` (``WALL_CLOCK_KEYS``), so the rest is
-the same, byte for byte, for the same seed.
+reads a real clock except ``wall_s``, ``speedup`` and ``cpu_s_by_process``
+(``WALL_CLOCK_KEYS``), so the rest is the same, byte for byte, for the same seed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Final
 from hub.log import LOCAL_INCARNATION, LogEntry
 from simulator.linkmodel import DirectionStats
 
-WALL_CLOCK_KEYS: Final = ("wall_s", "speedup")
+WALL_CLOCK_KEYS: Final = ("wall_s", "speedup", "cpu_s_by_process")
 
 
 class DeliverySink:
