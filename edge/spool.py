@@ -14,11 +14,12 @@ edge session gets, since ``pending_info`` hands accept times to it).
 Accept and group commit
 -----------------------
 ``append`` assigns the next seq and stages the record.  Seqs are strictly increasing
-per device across all lanes and never reused, whatever crash happens: the
-high-water mark is written in the same transaction as the records, and seqs are
+per device across all lanes and never reused, whatever crash happens: seqs are
 handed out from a block (``SEQ_RESERVE_BLOCK``) whose end is written *synced*
-before the first of them is used.  After an unclean stop numbering resumes above
-the block (a gap; seqs are u64); a clean ``close`` gives the unused rest back.
+before the first of them is used, so commits need no high-water mark of their own
+(the ``seq_hwm`` key that older versions wrote with every commit is still read at
+open).  After an unclean stop numbering resumes above the block (a gap; seqs are
+u64); a clean ``close`` gives the unused rest back.
 
 - ``durability="always"``: ``append`` commits before it returns, so a returned seq
   is on stable storage.
@@ -111,6 +112,9 @@ TRIM_DELAY_S: Final = 1.0  # acknowledged rows wait this long for a commit to ri
 SEQ_RESERVE_BLOCK: Final = 50_000  # seqs reserved per synced meta write
 SCHEMA_VERSION: Final = 1
 _COMPACT_AT: Final = 1024  # dead index entries tolerated before the lists are compacted
+# Per lane, the newest committed rows are also kept in memory (up to this many bytes of
+# encoded records), so the sender's read of what was just accepted needs no SELECT.
+RECENT_MAX_BYTES: Final = 64 * 1024
 _JOURNAL_SIZE_LIMIT: Final = 16 * 1024 * 1024  # WAL file truncated to this after a checkpoint
 
 # The lanes a new record may evict, in order (oldest first within each); critical is never one.
@@ -122,6 +126,21 @@ _VICTIMS: Final[dict[int, tuple[Lane, ...]]] = {
 _SYNCHRONOUS: Final = {"always": "FULL", "batch": "NORMAL"}
 _NAME: Final[dict[int, str]] = {lane: lane.name.lower() for lane in LANES}
 _TABLE: Final[dict[int, str]] = {lane: f"lane_{_NAME[lane]}" for lane in LANES}
+_ACKED_KEY: Final[dict[int, str]] = {lane: f"acked_{_NAME[lane]}" for lane in LANES}
+_INSERT: Final = {
+    lane: f"INSERT INTO {t} (seq, accepted_at, data) VALUES (?, ?, ?)" for lane, t in _TABLE.items()
+}
+_DELETE_UPTO: Final = {lane: f"DELETE FROM {t} WHERE seq <= ?" for lane, t in _TABLE.items()}
+_DELETE_RANGE: Final = {
+    lane: f"DELETE FROM {t} WHERE seq BETWEEN ? AND ?" for lane, t in _TABLE.items()
+}
+_SELECT_RANGE: Final = {
+    lane: f"SELECT seq, data FROM {t} WHERE seq BETWEEN ? AND ? ORDER BY seq"
+    for lane, t in _TABLE.items()
+}
+# Every key exists from the spool's creation: UPDATE rewrites one value in place, where
+# INSERT OR REPLACE would delete and re-insert the row and its index entry.
+_UPDATE_META: Final = "UPDATE meta SET value = ? WHERE key = ?"
 
 
 class RecordTooLargeError(SquallError):
@@ -165,6 +184,10 @@ class _LaneIndex:
     protect_mark: int = 0
     protected: int = 0
     protected_bytes: int = 0
+    # seq -> encoded record of the newest committed rows, oldest first; a suffix of what
+    # was committed since the spool opened, cut from the front (trim, RECENT_MAX_BYTES)
+    recent: dict[int, bytes] = field(default_factory=dict)
+    recent_bytes: int = 0
 
     @property
     def end(self) -> int:
@@ -261,6 +284,23 @@ class _LaneIndex:
         self.staged -= len(staged)
         self.nbytes -= nbytes
         return _Cut(b - a, nbytes, disk, staged)
+
+    def remember(self, seq: int, data: bytes) -> None:
+        """Keep a just-committed row in memory; the oldest go past RECENT_MAX_BYTES."""
+        recent = self.recent
+        recent[seq] = data
+        self.recent_bytes += len(data)
+        while self.recent_bytes > RECENT_MAX_BYTES:
+            self.recent_bytes -= len(recent.pop(next(iter(recent))))
+
+    def forget_upto(self, upto: int) -> None:
+        """Drop remembered rows with seq <= ``upto`` (acknowledged)."""
+        recent = self.recent
+        while recent:
+            first = next(iter(recent))
+            if first > upto:
+                return
+            self.recent_bytes -= len(recent.pop(first))
 
     def _compact(self) -> None:
         if self.head > _COMPACT_AT and self.head * 2 > len(self.seqs):
@@ -626,26 +666,31 @@ class Spool:
         for lane, seq, at, data in self._staging.values():
             by_lane.setdefault(lane, []).append((seq, at, data))
         saved = self._meta_saved
-        meta = [("seq_hwm", self._last_seq)]
-        meta += [(f"acked_{_NAME[k]}", q.acked) for k, q in self._lanes.items()]
-        meta = [(k, v) for k, v in meta if saved.get(k) != v]  # only what changed
+        meta = [
+            (q.acked, _ACKED_KEY[lane])
+            for lane, q in self._lanes.items()
+            if saved.get(_ACKED_KEY[lane]) != q.acked  # only what changed
+        ]
         try:
             conn.execute("BEGIN")
             for lane, upto in self._ack_deletes.items():
-                conn.execute(f"DELETE FROM {_TABLE[lane]} WHERE seq <= ?", (upto,))
+                conn.execute(_DELETE_UPTO[lane], (upto,))
             for lane, lo, hi in self._deletes:
-                conn.execute(f"DELETE FROM {_TABLE[lane]} WHERE seq BETWEEN ? AND ?", (lo, hi))
+                conn.execute(_DELETE_RANGE[lane], (lo, hi))
             for lane, rows in by_lane.items():
-                sql = f"INSERT INTO {_TABLE[lane]} (seq, accepted_at, data) VALUES (?, ?, ?)"
-                conn.executemany(sql, rows)
+                conn.executemany(_INSERT[lane], rows)
             if meta:
-                conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta)
+                conn.executemany(_UPDATE_META, meta)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise _storage_error("spool commit failed", exc) from exc
-        saved.update(meta)
+        saved.update((key, value) for value, key in meta)
+        for lane, rows in by_lane.items():
+            q = self._lanes[lane]
+            for seq, _, data in rows:
+                q.remember(seq, data)
         self._staging.clear()
         self._staged_bytes = 0
         self._deletes.clear()
@@ -705,9 +750,11 @@ class Spool:
         if j <= i:
             return []
         want = q.seqs[i:j]
-        sql = f"SELECT seq, data FROM {_TABLE[lane]} WHERE seq BETWEEN ? AND ? ORDER BY seq"
+        recent = q.recent
+        if want[0] in recent and want[-1] in recent:  # a suffix of the commits: all between too
+            return [decode_record(seq, recent[seq]) for seq in want]
         try:
-            rows = self._conn.execute(sql, (want[0], want[-1])).fetchall()
+            rows = self._conn.execute(_SELECT_RANGE[lane], (want[0], want[-1])).fetchall()
         except sqlite3.Error as exc:
             raise _storage_error("spool read failed", exc) from exc
         if len(rows) != len(want):  # rows evicted in memory whose DELETE is not committed yet
@@ -721,6 +768,7 @@ class Spool:
         """The hub holds ``lane`` up to ``upto``: trim (on disk with the next commit)."""
         q = self._lanes[lane]
         cut = q.trim(upto)
+        q.forget_upto(upto)
         for seq in cut.staged:
             self._forget_staged(seq)
         changed = cut.disk is not None or upto > q.acked

@@ -244,7 +244,7 @@ class _GroupState:
     unknown: set[tuple[str, str, int]] = field(default_factory=set)  # device incarnations w/o marks
     rows: list[tuple[object, ...]] = field(default_factory=list)
     duplicates: int = 0
-    incarnations_dropped: int = 0
+    dropped: list[tuple[str, str, int]] = field(default_factory=list)  # marks deleted (bound)
 
 
 def _i64(u: int) -> int:
@@ -285,6 +285,13 @@ class Log:
         self._lock = threading.Lock()
         self._totals = _Totals()
         self._counters = _Counters()
+        # The marks of the device incarnations this Log has read or committed: a copy of
+        # rows of ``marks``, so a group commit needs no SELECT per device.  It is dropped
+        # whenever another connection has written the file (PRAGMA data_version), and its
+        # entries go with the rows (the per-device bound), so it is never larger than the
+        # table -- about what the hub's ledgers hold in memory anyway.
+        self._marks: dict[tuple[str, str, int], dict[int, int]] = {}
+        self._data_version: int | None = None
         self._db: sqlite3.Connection | None = None
         try:
             # a fresh install's config points into a folder that does not exist yet
@@ -459,17 +466,34 @@ class Log:
         db = self._conn()
         try:
             with self._transaction(db):
+                self._check_marks_cache(db)
                 state = _GroupState(self._totals.copy())
                 result = [self._stage(db, state, item) for item in build()]
                 self._flush_group(db, state, int(now * 1e6))
         except LogError:
             self._counters.commit_failures += 1
+            self._marks.clear()
             raise
         self._totals = state.totals
+        for tenant, device, inc, lane in state.changed:
+            key = (tenant, device, inc)
+            self._marks.setdefault(key, {})[lane] = state.marks[(*key, lane)]
+        for key in state.dropped:
+            self._marks.pop(key, None)
         self._counters.commits += 1
         self._counters.duplicates_skipped += state.duplicates
-        self._counters.incarnations_dropped += state.incarnations_dropped
+        self._counters.incarnations_dropped += len(state.dropped)
         return result
+
+    def _check_marks_cache(self, db: sqlite3.Connection) -> None:
+        """Forget the cached marks if another connection committed since the last group.
+
+        Run inside the write transaction: nobody else can commit until it ends.
+        """
+        ((version,),) = db.execute("PRAGMA data_version").fetchall()
+        if version != self._data_version:
+            self._marks.clear()
+            self._data_version = version
 
     def _stage(
         self, db: sqlite3.Connection, state: _GroupState, item: PendingBatch
@@ -478,7 +502,11 @@ class Log:
         inc_key = (item.tenant, item.device, item.incarnation)
         if inc_key not in state.seen:
             state.seen.add(inc_key)
-            held = self._marks_of(db, inc_key)
+            held = self._marks.get(inc_key)
+            if held is None:
+                held = self._marks_of(db, inc_key)
+                if held:
+                    self._marks[inc_key] = held
             if not held and item.incarnation != LOCAL_INCARNATION:
                 state.unknown.add(inc_key)
             for lane, seq in held.items():
@@ -534,17 +562,18 @@ class Log:
         )
         started = state.unknown & {(t, d, inc) for t, d, inc, _ in state.changed}
         for tenant, device, incarnation in sorted(started):
-            state.incarnations_dropped += self._bound_incarnations(db, tenant, device, incarnation)
+            for stale in self._bound_incarnations(db, tenant, device, incarnation):
+                state.dropped.append((tenant, device, stale))
         self._write_totals(db, state.totals)
 
     def _bound_incarnations(
         self, db: sqlite3.Connection, tenant: str, device: str, keep: int
-    ) -> int:
+    ) -> list[int]:
         """Forget the least recently committed incarnations of a device beyond the bound.
 
         A device that starts more than ``max_incarnations_per_device`` incarnations
         and then replays an old, forgotten one (a restored spool) gets those records
-        stored again: its marks are gone.
+        stored again: its marks are gone.  Returns the incarnations forgotten.
         """
         stale = db.execute(
             _STALE_INCARNATIONS,
@@ -554,7 +583,7 @@ class Log:
             "DELETE FROM marks WHERE tenant = ? AND device = ? AND incarnation = ?",
             ((tenant, device, inc) for (inc,) in stale),
         )
-        return len(stale)
+        return [_u64(inc) for (inc,) in stale]
 
     @staticmethod
     def _marks_of(db: sqlite3.Connection, key: tuple[str, str, int]) -> dict[int, int]:

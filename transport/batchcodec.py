@@ -11,7 +11,7 @@ Every column is checked against the batch's count on decode; every failure is on
 from __future__ import annotations
 
 import itertools
-import math
+import operator
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +45,8 @@ _RAW = 3
 
 _MAX_SCALE = 9
 _ZSTD_LEVEL = 3
+_POW10 = tuple(10**i for i in range(_MAX_SCALE + 1))
+_INTS = frozenset((int,))
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +144,7 @@ def validate_batch(
 
 
 def _all_ints(col: list[Any]) -> bool:
-    return set(map(type, col)) <= {int}
+    return set(map(type, col)) <= _INTS
 
 
 def _validate_bodies(bodies: Any, count: int) -> None:
@@ -163,7 +165,7 @@ def _validate_bodies(bodies: Any, count: int) -> None:
         if present is not None:
             _check_list(present, "presence", exact=count)
             rows = sum(1 for p in present if p)
-        _check_list(values, f"column {key!r}", exact=rows)
+        _check_list(values, "column", exact=rows, key=key)
         if ckind in (_INT_DELTA, _SCALED_DELTA):
             if not _all_ints(values):
                 raise WireError(ErrorCode.BAD_FIELD, f"column {key!r} holds non-integers")
@@ -189,19 +191,19 @@ def batch_subjects(codec: int, payload: bytes) -> list[str]:
 
 
 def _deltas(values: list[int]) -> list[int]:
-    return [values[0]] + [b - a for a, b in itertools.pairwise(values)]
+    return [values[0], *map(operator.sub, values[1:], values)]
 
 
 def _undelta(col: list[Any], start: int, name: str, *, u64: bool = False) -> list[int]:
-    out: list[int] = []
-    acc = start
-    for d in col:
-        if not isinstance(d, int) or isinstance(d, bool):
-            raise WireError(ErrorCode.BAD_FIELD, f"{name} column holds {type(d).__name__}")
-        acc += d
-        if u64 and not 0 <= acc < 1 << 64:
-            raise WireError(ErrorCode.BAD_FIELD, f"{name} out of range")
-        out.append(acc)
+    if len(col) == 1 and type(col[0]) is int and not u64:  # a batch of one record
+        return [start + col[0]]
+    if not _all_ints(col):
+        bad = next(d for d in col if type(d) is not int)
+        raise WireError(ErrorCode.BAD_FIELD, f"{name} column holds {type(bad).__name__}")
+    out = list(itertools.accumulate(col, initial=start))
+    del out[0]
+    if u64 and out and (min(out) < 0 or max(out) >= 1 << 64):
+        raise WireError(ErrorCode.BAD_FIELD, f"{name} out of range")
     return out
 
 
@@ -219,49 +221,103 @@ def _encode_bodies(bodies: list[Body]) -> list[Any]:
             keys.update(dict.fromkeys(shape))
     if len(keys) > MAX_BODY_KEYS or not all(type(k) is str for k in keys):
         return [_RAW, bodies]
-    uniform = len(shapes) == 1
     columns: list[Any] = []
+    if len(dicts) == 1:  # a batch of one record is common at low rates
+        for k, v in dicts[0].items():
+            columns.append([k, None, *_encode_single(v)])
+        return [_INT_DELTA, columns]
+    if len(shapes) == 1:  # every body has the same keys in the same order: transpose
+        for k, col in zip(keys, zip(*[b.values() for b in dicts], strict=True), strict=True):
+            columns.append([k, None, *_encode_column(list(col))])
+        return [_INT_DELTA, columns]
     for k in keys:
-        if uniform:
-            present, vals = None, [b[k] for b in dicts]
-        else:
-            flags = [k in b for b in dicts]
-            present = None if all(flags) else flags
-            vals = [b[k] for b in dicts if k in b]
+        flags = [k in b for b in dicts]
+        present = None if all(flags) else flags
+        vals = [b[k] for b in dicts if k in b]
         columns.append([k, present, *_encode_column(vals)])
     return [_INT_DELTA, columns]
 
 
 def _encode_column(vals: list[Any]) -> list[Any]:
+    if len(vals) == 1:
+        return _encode_single(vals[0])
     types = set(map(type, vals))
-    if types == {int} and min(vals) > -(1 << 62) and max(vals) < 1 << 62:
-        return [_INT_DELTA, 0, _deltas(vals)]
-    if types == {float}:
-        scale = _decimal_scale(vals)
-        if scale is not None:
-            f = 10**scale
-            return [_SCALED_DELTA, scale, _deltas([round(v * f) for v in vals])]
+    if len(types) == 1:
+        if int in types and min(vals) > -(1 << 62) and max(vals) < 1 << 62:
+            return [_INT_DELTA, 0, _deltas(vals)]
+        if float in types:
+            scaled = _scaled_decimals(vals)
+            if scaled is not None:
+                return [_SCALED_DELTA, scaled[0], _deltas(scaled[1])]
     return [_RAW, 0, vals]
 
 
-def _decimal_scale(vals: list[float]) -> int | None:
-    """The fewest decimals that represent every value exactly, from their shortest repr."""
-    scale = 0
-    for v in vals:
-        r = repr(v)
-        dot = r.find(".")
-        if dot < 0 or "e" in r:  # inf, nan, or an exponent: not a short decimal
-            return None
-        scale = max(scale, len(r) - dot - 1)
+def _encode_single(v: Any) -> list[Any]:
+    """``_encode_column([v])``, without the list work (a batch of one record is common)."""
+    t = type(v)
+    if t is int and -(1 << 62) < v < 1 << 62:
+        return [_INT_DELTA, 0, [v]]
+    if t is float:
+        scaled = _scaled_decimal(v)
+        if scaled is not None:
+            return [_SCALED_DELTA, scaled[0], [scaled[1]]]
+    return [_RAW, 0, [v]]
+
+
+def _scaled_decimal(v: float) -> tuple[int, int] | None:
+    """(scale, v times 10**scale) for the fewest decimals that represent ``v`` exactly:
+    ``_decimals`` and ``_scaled`` in one (this runs for every float of every batch)."""
+    r = repr(v)
+    dot = r.find(".")
+    if dot < 0 or "e" in r or r == "-0.0":
+        return None
+    scale = len(r) - dot - 1
     if scale > _MAX_SCALE:
         return None
-    f = 10**scale
-    ok = all(abs(v) < 1e15 / f and round(v * f) / f == v for v in vals)
-    return scale if ok and not any(map(_is_negative_zero, vals)) else None
+    f = _POW10[scale]
+    if not abs(v) < 1e15 / f:
+        return None
+    n = round(v * f)
+    return (scale, n) if n / f == v else None
 
 
-def _is_negative_zero(v: float) -> bool:
-    return v == 0.0 and math.copysign(1.0, v) < 0
+def _scaled_decimals(vals: list[float]) -> tuple[int, list[int]] | None:
+    """(scale, values times 10**scale) for the fewest decimals that represent every value
+    exactly; None when some value is no short decimal."""
+    scale = 0
+    for v in vals:
+        d = _decimals(v)
+        if d is None:
+            return None
+        scale = max(scale, d)
+    if scale > _MAX_SCALE:
+        return None
+    ints: list[int] = []
+    for v in vals:
+        n = _scaled(v, scale)
+        if n is None:
+            return None
+        ints.append(n)
+    return scale, ints
+
+
+def _decimals(v: float) -> int | None:
+    """Decimals in the shortest repr of ``v``; None for inf, nan, an exponent, or -0.0
+    (whose sign a scaled integer would lose)."""
+    r = repr(v)
+    dot = r.find(".")
+    if dot < 0 or "e" in r or r == "-0.0":
+        return None
+    return len(r) - dot - 1
+
+
+def _scaled(v: float, scale: int) -> int | None:
+    """``v`` times 10**scale as an integer, when that is exact and well within range."""
+    f = _POW10[scale]
+    if not abs(v) < 1e15 / f:
+        return None
+    n = round(v * f)
+    return n if n / f == v else None
 
 
 def _decode_bodies(bodies: Any, count: int) -> list[Body]:
@@ -287,26 +343,46 @@ def _decode_column(column: Any, out: list[dict[str, Any]]) -> None:
     if not isinstance(column, list) or len(column) != 5 or not isinstance(column[0], str):
         raise WireError(ErrorCode.BAD_FIELD, "body column malformed")
     key, present, kind, scale, data = column
-    rows = list(range(len(out)))
+    if present is None and len(out) == 1 and isinstance(data, list) and len(data) == 1:
+        out[0][key] = _decode_single(key, kind, scale, data[0])
+        return
+    rows: list[int] | None = None  # None: every row has the key
     if present is not None:
         _check_list(present, "presence", exact=len(out))
         rows = [i for i, p in enumerate(present) if p]
-    _check_list(data, f"column {key!r}", exact=len(rows))
+    _check_list(data, "column", exact=len(out) if rows is None else len(rows), key=key)
     if kind == _RAW:
         vals = data
-    elif kind in (_INT_DELTA, _SCALED_DELTA):
-        ints = _undelta(data, 0, key)
-        if kind == _INT_DELTA:
-            vals = ints
-        else:
-            if not isinstance(scale, int) or not 0 <= scale <= _MAX_SCALE:
-                raise WireError(ErrorCode.BAD_FIELD, f"bad scale {scale!r}")
-            f = 10**scale
-            vals = [i / f for i in ints]
+    elif kind == _INT_DELTA:
+        vals = _undelta(data, 0, key)
+    elif kind == _SCALED_DELTA:
+        if not isinstance(scale, int) or not 0 <= scale <= _MAX_SCALE:
+            raise WireError(ErrorCode.BAD_FIELD, f"bad scale {scale!r}")
+        f = _POW10[scale]
+        vals = [i / f for i in _undelta(data, 0, key)]
     else:
         raise WireError(ErrorCode.BAD_FIELD, f"unknown column kind {kind!r}")
-    for i, v in zip(rows, vals, strict=True):
-        out[i][key] = v
+    if rows is None:
+        for body, v in zip(out, vals, strict=True):
+            body[key] = v
+    else:
+        for i, v in zip(rows, vals, strict=True):
+            out[i][key] = v
+
+
+def _decode_single(key: str, kind: Any, scale: Any, value: Any) -> Any:
+    """The one value of a one-row column (``_decode_column`` without the list work)."""
+    if kind == _RAW:
+        return value
+    if kind != _INT_DELTA and kind != _SCALED_DELTA:
+        raise WireError(ErrorCode.BAD_FIELD, f"unknown column kind {kind!r}")
+    if type(value) is not int:
+        raise WireError(ErrorCode.BAD_FIELD, f"{key} column holds {type(value).__name__}")
+    if kind == _INT_DELTA:
+        return value
+    if not isinstance(scale, int) or not 0 <= scale <= _MAX_SCALE:
+        raise WireError(ErrorCode.BAD_FIELD, f"bad scale {scale!r}")
+    return value / _POW10[scale]
 
 
 # --- checks ------------------------------------------------------------------
@@ -369,13 +445,19 @@ def unpack_limited(raw: bytes, *, max_len: int = MAX_BATCH_RAW_BYTES) -> Any:
         raise WireError(ErrorCode.BAD_ENCODING, "msgpack nesting too deep") from exc
 
 
-def _check_list(col: Any, name: str, *, exact: int | None = None, max_len: int = 0) -> None:
+def _check_list(
+    col: Any, name: str, *, exact: int | None = None, max_len: int = 0, key: str | None = None
+) -> None:
+    """``col`` is a list of ``exact`` entries (or at most ``max_len``); ``key`` qualifies
+    ``name`` in the error (formatted only then: this runs per column of every batch)."""
+    if isinstance(col, list) and (len(col) == exact if exact is not None else len(col) <= max_len):
+        return
+    what = name if key is None else f"{name} {key!r}"
     if not isinstance(col, list):
-        raise WireError(ErrorCode.BAD_FIELD, f"{name} is not a list")
-    if exact is not None and len(col) != exact:
-        raise WireError(ErrorCode.BAD_FIELD, f"{name} has {len(col)} entries, expected {exact}")
-    if exact is None and len(col) > max_len:
-        raise WireError(ErrorCode.LIMIT_EXCEEDED, f"{name} has {len(col)} entries")
+        raise WireError(ErrorCode.BAD_FIELD, f"{what} is not a list")
+    if exact is not None:
+        raise WireError(ErrorCode.BAD_FIELD, f"{what} has {len(col)} entries, expected {exact}")
+    raise WireError(ErrorCode.LIMIT_EXCEEDED, f"{what} has {len(col)} entries")
 
 
 def _check_subject(s: Any) -> None:

@@ -107,10 +107,7 @@ class _EdgeLane:
     cursor: int  # last seq put on the wire (or the chain base)
     inflight: deque[_Inflight] = field(default_factory=deque)
     rto: float = 0.0
-
-    @property
-    def inflight_records(self) -> int:
-        return sum(b.count for b in self.inflight)
+    inflight_records: int = 0  # sum of the batches' counts, kept with ``inflight``
 
 
 class EdgeState(Enum):
@@ -228,6 +225,7 @@ class EdgeSession(_Core):
                 # The hub holds less than we sent against (it lost data or is another
                 # hub): restart this lane's chain from what it holds.
                 lane.inflight.clear()
+                lane.inflight_records = 0
                 lane.cursor = held
         self._next_heartbeat = now
         self._events.append(Welcomed(dict(w.held), w.credit, w.hub_time_us))
@@ -238,7 +236,9 @@ class EdgeSession(_Core):
             return
         acked = 0
         while lane.inflight and lane.inflight[0].last <= upto:
-            acked += lane.inflight.popleft().count
+            done = lane.inflight.popleft().count
+            lane.inflight_records -= done
+            acked += done
             lane.rto = self.config.rto_s
         if upto > self._outbox.acked_mark(lane_id):
             self._outbox.acked(lane_id, upto)
@@ -308,6 +308,7 @@ class EdgeSession(_Core):
         lane.inflight.append(
             _Inflight(lane.cursor, records[0].seq, records[-1].seq, len(records), frame, now)
         )
+        lane.inflight_records += len(records)
         lane.cursor = records[-1].seq
         self._sent_new += len(records)
         self._frames.append((lane_id, frame))

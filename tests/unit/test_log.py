@@ -179,6 +179,21 @@ def test_batches_the_marks_already_hold_are_skipped_or_trimmed(log: Log) -> None
     assert ("acme", "d9") not in log.load_ledgers()
 
 
+def test_marks_another_connection_wrote_are_honoured(path: Path) -> None:
+    """The log keeps the marks it committed in memory; a write by anyone else must void that."""
+    with Log(path) as log:
+        assert log.append_group([batch("d1", 1, 5)], 1.0) == [(1, 5)]
+        other = sqlite3.connect(path)
+        try:
+            other.execute("UPDATE marks SET committed_seq = 10 WHERE device = 'd1'")
+            other.commit()
+        finally:
+            other.close()
+        assert log.append_group([batch("d1", 6, 3)], 2.0) == [(6, 0)]  # 6..8 are held
+        assert log.append_group([batch("d1", 9, 3)], 3.0) == [(6, 1)]  # 9, 10 held: 11 new
+        assert [e.seq for e in read_all(log)] == [1, 2, 3, 4, 5, 11]
+
+
 def test_incarnations_per_device_are_bounded_oldest_dropped(path: Path) -> None:
     with Log(path, max_incarnations_per_device=2) as log:
         for i, inc in enumerate((11, 12, 13), start=1):

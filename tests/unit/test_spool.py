@@ -21,6 +21,7 @@ from edge.spool import (
     MAX_RECORD_BYTES,
     REASON_EVICTED,
     REASON_REFUSED,
+    RECENT_MAX_BYTES,
     ROW_OVERHEAD_BYTES,
     TRIM_DELAY_S,
     RecordTooLargeError,
@@ -267,6 +268,37 @@ def test_batch_commit_schedules_a_sync_that_bounds_what_power_loss_takes(tmp_pat
     a = open_spool(tmp_path / "always.db", durability="always", now=0.0)
     put(a, T, now=5.0)
     assert a.next_commit_at() is None  # FULL syncs every commit: nothing left to do
+
+
+def test_pending_reads_the_same_records_from_memory_as_from_disk(tmp_path: Path) -> None:
+    """The sender's reads of just-committed rows come from memory; they must be exactly
+    what a reopened spool reads from disk, across the memory bound, trims and evictions."""
+    db = tmp_path / "spool.db"
+    body_bytes = 900
+    n = 3 * RECENT_MAX_BYTES // body_bytes  # far more than memory keeps
+    row = len(encode_record(SUBJECT, b"x" * body_bytes, None, 1)) + ROW_OVERHEAD_BYTES
+    s = open_spool(db, durability="batch", max_bytes=(n - 5) * row)
+    s.protect(T, 0)
+    got: list[int] = []
+    for i in range(n):  # the last appends evict the oldest five
+        body = bytes([i % 251]) * body_bytes
+        got.append(s.append(T, SUBJECT, body, {"i": i}, i, 1.0))
+        s.commit(1.0)
+    s.acked(T, got[7])
+    s.commit(1.0 + TRIM_DELAY_S)
+    recent = s._lanes[T]
+    assert 0 < recent.recent_bytes <= RECENT_MAX_BYTES
+    assert sum(map(len, recent.recent.values())) == recent.recent_bytes
+    assert min(recent.recent) > got[7]  # acknowledged rows left memory
+    in_memory = s.pending(T, 0, 10_000)
+    tail = s.pending(T, got[-3], 10_000)  # served from memory alone
+    s.close()
+    s = open_spool(db, durability="batch", max_bytes=(n - 5) * row)
+    from_disk = s.pending(T, 0, 10_000)
+    assert [r.seq for r in from_disk] == got[8:]  # 5 evicted lie below the acked mark
+    assert in_memory == from_disk
+    assert tail == from_disk[-2:]
+    assert [r.attrs["i"] for r in tail] == [n - 2, n - 1]
 
 
 def test_close_commits_what_is_staged(tmp_path: Path) -> None:
