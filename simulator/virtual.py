@@ -53,7 +53,13 @@ from simulator.vedge import EdgeCounters, EdgeSettings, VirtualEdge
 from simulator.vehicle import FAULT_CODES
 from simulator.vhub import HubSettings, VirtualHub
 from simulator.vnet import DevicePath, NetCounters, VirtualNetwork
-from simulator.vparallel import MIN_LOOKAHEAD_S, Workers, assign_ranks, lookahead_s
+from simulator.vparallel import (
+    MIN_LOOKAHEAD_S,
+    PIPELINE_DEPTH,
+    Workers,
+    assign_ranks,
+    lookahead_s,
+)
 from simulator.vpki import VirtualPki
 from simulator.vreport import (
     DeliverySink,
@@ -99,7 +105,9 @@ class VirtualFleetConfig:
     profile: str = "3g-poor"
     seed: int = 1
     tenant: str = "acme"
-    consumer_poll_s: float = 5.0  # the durable consumer reads the log this often
+    # the durable consumer reads the log this often: in small steps, so that no moment of
+    # the run carries a big read (a split run waits for its slowest process at each window)
+    consumer_poll_s: float = 0.25
     outage_at_s: float = 0.0  # one forced outage of every link (0 s long: none)
     outage_s: float = 0.0
     edge_crashes: list[EdgeCrash] = field(default_factory=list)
@@ -343,63 +351,50 @@ class VirtualFleet:
             self._down_out = {r: [] for r in range(1, self.processes)}
             self._remote_status = {r: None for r in range(1, self.processes)}
             self._start()
-            start = 0.0
+            width = self.lookahead / PIPELINE_DEPTH
+            k = 0
             while True:
-                before = start + self.lookahead
+                if k >= PIPELINE_DEPTH:
+                    for r in range(1, self.processes):
+                        self._take_window(r, workers.recv(r), k * width)
+                before = (k + 1) * width
                 self._run_events(before)
-                nxt = self._gather(workers, before)
-                if self._done or nxt > self._end:
+                if self._done or before > self._end:
                     break
-                start = max(before, nxt)
-                want = self._want_status(start + self.lookahead)
                 for r, out in self._down_out.items():
-                    workers.send(r, ("window", out, start, want))
+                    workers.send(r, out)
                     self._down_out[r] = []
+                k += 1
             if not self._done:
                 self.queue.now = self._end
             results = self._finish()
-            remote: list[_RankResult] = []
             for r in range(1, self.processes):
                 workers.send(r, ("finish", self.queue.now))
+            remote: list[_RankResult] = []
             for r in range(1, self.processes):
-                remote.append(workers.recv(r))
+                msg = workers.recv(r)
+                while not isinstance(msg, _RankResult):  # windows it ran ahead
+                    msg = workers.recv(r)
+                remote.append(msg)
         except BaseException:
             workers.close(kill=True)
             raise
         workers.close()
         return self._report(results, remote, time.perf_counter() - started)
 
-    def _gather(self, workers: Workers, before: float) -> float:
-        """Take the workers' datagrams of the window; the start of the next window."""
-        q = self.queue
-        times: list[float] = []
-        for r in range(1, self.processes):
-            _, up, nxt, status = workers.recv(r)
-            if status is not None:
-                self._remote_status[r] = status
-            if nxt is not None:
-                times.append(nxt)
-            paths = self.net.paths
-            for t, index, payload in up:
-                if t < before:
-                    raise RuntimeError(
-                        f"virtual run: a datagram from {paths[index].name} arrives at {t}, "
-                        f"before the window's end {before} (lookahead too long)"
-                    )
-                q.at(t, Kind.TO_HUB, paths[index], payload)
-        head = q.peek_time()  # the workers' datagrams included
-        if head is not None:
-            times.append(head)
-        for out in self._down_out.values():
-            if out:
-                times.append(out[0][0] + self.lookahead)
-        return min(times, default=math.inf)
-
-    def _want_status(self, before: float) -> bool:
-        """Whether the workers' spool depths are needed at the end of the next window."""
-        if before >= self.cfg.duration_s:
-            return True
-        return self.progress is not None and before >= self._next_progress
+    def _take_window(self, rank: int, msg: Any, start: float) -> None:
+        """A worker's window ``k - PIPELINE_DEPTH``: its datagrams join the queue."""
+        up, status = msg
+        if status is not None:
+            self._remote_status[rank] = status
+        paths, q = self.net.paths, self.queue
+        for t, index, payload in up:
+            if t < start:
+                raise RuntimeError(
+                    f"virtual run: a datagram from {paths[index].name} arrives at {t}, "
+                    f"before the window's start {start} (lookahead too long)"
+                )
+            q.at(t, Kind.TO_HUB, paths[index], payload)
 
     def _to_remote_device(self, now: float, path: DevicePath, data: bytes, addr: Any) -> None:
         self._down_out[path.owner].append((now, path.index, data, addr))
@@ -408,24 +403,31 @@ class VirtualFleet:
         self._up_out.append((t, path.index, payload))
 
     def _work(self, rank: int, link: Connection) -> None:
-        """A worker's whole run: its devices, in windows with rank 0, then its results."""
+        """A worker's whole run: its devices, in windows with rank 0, then its results.
+
+        Window ``k`` runs once rank 0's window ``k - PIPELINE_DEPTH`` is in: what the hub
+        sent then arrives no sooner than the lookahead later, at window ``k``'s start.
+        """
         self.rank = self.net.rank = rank
         self.net.remote_up = self._to_remote_hub
         self._start()
-        start, want = 0.0, False
+        width = self.lookahead / PIPELINE_DEPTH
+        paths = self.net.paths
+        k = 0
         while True:
-            before = start + self.lookahead
+            if k >= PIPELINE_DEPTH:
+                msg = link.recv()
+                if isinstance(msg, tuple):  # ("finish", now)
+                    break
+                start = k * width
+                for sent, index, data, addr in msg:
+                    self.net.down_from_hub(paths[index], data, addr, sent, not_before=start)
+            before = (k + 1) * width
             self._run_events(before)
-            status = self._status() if want else None
-            link.send(("window", self._up_out, self.queue.peek_time(), status))
+            status = self._status() if self._want_status(before, width) else None
+            link.send((self._up_out, status))
             self._up_out = []
-            msg = link.recv()
-            if msg[0] == "finish":
-                break
-            _, down, start, want = msg
-            paths = self.net.paths
-            for sent, index, data, addr in down:
-                self.net.down_from_hub(paths[index], data, addr, sent, not_before=before)
+            k += 1
         self.queue.now = max(self.queue.now, msg[1])
         link.send(
             _RankResult(
@@ -436,6 +438,14 @@ class VirtualFleet:
                 time.process_time(),
             )
         )
+
+    def _want_status(self, before: float, width: float) -> bool:
+        """Whether rank 0 needs this worker's spool depths as of ``before``: to see the
+        end of the run, or for a progress line."""
+        if before >= self.cfg.duration_s:
+            return True
+        every = _PROGRESS_EVERY_S
+        return self.progress is not None and before // every != (before - width) // every
 
     def _status(self) -> tuple[bool, int, int]:
         """(every spool empty, records accepted, records spooled) of this rank's devices."""

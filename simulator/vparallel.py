@@ -8,19 +8,24 @@ sent.  Only two things cross between processes: datagrams a device sends to the 
 (with their arrival time, already decided), and datagrams the hub sends to a device of
 another rank (with their send time; the owner decides their fate).
 
-No datagram arrives sooner than the link's minimum one-way delay (``lookahead_s``), so
-the ranks can run every event in the window ``[T, T + lookahead)`` independently: what
-they send each other in it lands at ``T + lookahead`` or later.  At each window's end
-the workers hand rank 0 what they sent and the time of their next event, rank 0 hands
-each worker what the hub sent it and the start of the next window (the earliest event
-anywhere, so idle stretches are skipped) -- a barrier per window.
+No datagram arrives sooner than the link's minimum one-way delay (``lookahead_s``): what
+a process sends in the window ``[T, T + lookahead)`` lands at ``T + lookahead`` or later.
+Time is cut into windows of ``lookahead / PIPELINE_DEPTH``; a process runs its window
+``k`` once it holds the other side's window ``k - PIPELINE_DEPTH`` (rank 0 hears from
+every worker, a worker from rank 0): a worker hands over the datagrams its devices sent
+to the hub (arrival times decided), rank 0 those the hub sent to the worker's devices
+(with their send times).  A process may thus run up to a lookahead ahead of the other,
+so one busy window on either side (a burst of handshakes, a big log read) is absorbed
+rather than stalling both.  Windows are not skipped when nothing happens: an idle window
+costs a message each way.
 
 The run stays a function of its configuration: which rank owns which device, the window
 boundaries and the order in which crossing datagrams join a queue depend only on the
-seed, the profile and the number of processes, never on timing.  Reports of runs with
-different process counts may differ where events of two processes fall at the very
-same instant, and in how long the final drain runs: a worker's spool depths reach rank 0
-at window ends, so the end of the run can be seen up to one consumer poll later.
+seed, the profile and the number of processes, never on timing: a window's datagrams
+join the other side's queue at a fixed point (just before the window that needs them).
+Reports of runs with different process counts may differ where events of two processes
+fall at the very same instant, and in how long the final drain runs: a worker's spool
+depths reach rank 0 a lookahead late, so the end of the run can be seen a poll later.
 """
 
 from __future__ import annotations
@@ -39,9 +44,13 @@ from simulator.linkmodel import LinkParams
 
 # Windows shorter than this cost more in barriers than two cores give back.
 MIN_LOOKAHEAD_S: Final = 0.005
+# Windows per lookahead: window k waits only for the other side's window k - DEPTH, so
+# one process may run up to a lookahead ahead of another and a busy window on one side
+# (a burst of handshakes, a big log read) is absorbed instead of stalling the other.
+PIPELINE_DEPTH: Final = 2
 # Rank 0 runs the hub, the log and the consumer (~40% of a 3g-poor run at 1 record/s)
 # and this share of the devices; the workers split the rest evenly.
-RANK0_DEVICE_SHARE: Final = 0.14
+RANK0_DEVICE_SHARE: Final = 0.11
 
 
 def lookahead_s(params: LinkParams) -> float:
