@@ -86,7 +86,7 @@ async def _main(args: argparse.Namespace) -> int:
             print(
                 f"vehicle {agent.prefix}: {depth} records still spooled; connected="
                 f"{agent.connected.is_set()} sessions={st.sessions} reconnects={st.reconnects}"
-                f" acked={st.acked} refused={st.refused}",
+                f" acked={st.acked} refused={st.refused}; {_sender_state(agent)}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -94,6 +94,23 @@ async def _main(args: argparse.Namespace) -> int:
         print(f"vehicle {agent.prefix}: last_seq={agent.spool.last_seq}", flush=True)
     stopper.cancel()
     return 0
+
+
+def _sender_state(agent: Agent) -> str:
+    """What the sender is waiting for (the bench prints it for a vehicle that did not drain)."""
+    ep = agent.endpoint
+    if ep is None:
+        return "no session"
+    s = ep.session
+    lanes = ", ".join(
+        f"{lane}: cursor {q.cursor} inflight {q.inflight_records} spool acked "
+        f"{agent.spool.acked_mark(lane)} last {agent.spool.pending_info(lane, q.cursor)}"
+        for lane, q in s._lanes.items()
+    )
+    return (
+        f"state {s.state.name} credit {s._credit} sent {s._sent_new} "
+        f"linger_at {s._linger_at} timer {ep.get_timer()} now {agent._now()}; {lanes}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
