@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -295,14 +296,25 @@ class VirtualFleet:
     def run(self) -> dict[str, Any]:
         """Simulate until every spool is empty after the drive (or the drain runs out)."""
         started = time.perf_counter()
-        if self.processes > 1:
-            return self._run_split(started)
-        self._start()
-        self._run_events(math.inf)
-        if not self._done:
-            self.queue.now = self._end
-        results = self._finish()
-        return self._report(results, [], time.perf_counter() - started)
+        # A run allocates millions of short-lived objects (packets, frames, records) and
+        # few cycles: the cyclic collector runs a tenth as often, and what exists now
+        # (certificates, configuration) is left out of its scans.  ~4% of the CPU.
+        thresholds = gc.get_threshold()
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 20)
+        try:
+            if self.processes > 1:
+                return self._run_split(started)
+            self._start()
+            self._run_events(math.inf)
+            if not self._done:
+                self.queue.now = self._end
+            results = self._finish()
+            return self._report(results, [], time.perf_counter() - started)
+        finally:
+            gc.set_threshold(*thresholds)
+            gc.unfreeze()
 
     @property
     def _end(self) -> float:

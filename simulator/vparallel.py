@@ -50,7 +50,7 @@ MIN_LOOKAHEAD_S: Final = 0.005
 PIPELINE_DEPTH: Final = 2
 # Rank 0 runs the hub, the log and the consumer (~40% of a 3g-poor run at 1 record/s)
 # and this share of the devices; the workers split the rest evenly.
-RANK0_DEVICE_SHARE: Final = 0.11
+RANK0_DEVICE_SHARE: Final = 0.10
 
 
 def lookahead_s(params: LinkParams) -> float:
