@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from tests.integration.realpeers import Rsyslog
 
 
-async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+async def until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
     """Wait (polling every 10 ms) until ``cond()`` holds; AssertionError after ``timeout`` s."""
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout

@@ -21,20 +21,12 @@ from hub.config import load_hub_config
 from hub.http import start_http
 from hub.log import Log
 from hub.server import Hub
+from tests.integration.conftest import until
 from transport.wire import Lane
 
 from .conftest import free_port, write_edge_config, write_hub_config
 
 pytestmark = pytest.mark.integration
-
-
-async def until(cond: Callable[[], bool], timeout: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 def spool_empty(agent: Agent) -> bool:

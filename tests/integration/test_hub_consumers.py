@@ -25,6 +25,7 @@ from edge.config import load_edge_config
 from hub.config import load_hub_config
 from hub.http import start_http
 from hub.server import Hub
+from tests.integration.conftest import until
 from tests.integration.realpeers import Rsyslog
 from transport.errors import ConfigError
 from transport.wire import Lane
@@ -56,15 +57,6 @@ RULES = {
         },
     ]
 }
-
-
-async def until(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
 
 
 def run(main: Callable[[], Awaitable[None]]) -> None:

@@ -20,6 +20,7 @@ from hub.config import load_hub_config
 from hub.http import start_http
 from hub.log import LogEntry
 from hub.server import Hub
+from tests.integration.conftest import until
 
 from .conftest import write_edge_config, write_hub_config
 
@@ -37,15 +38,6 @@ def auth(token: str) -> dict[str, str]:
 
 def run(main: Callable[[], Awaitable[None]], timeout: float = 30) -> None:
     asyncio.run(asyncio.wait_for(main(), timeout))
-
-
-async def until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"{what}: not met in time")
-        await asyncio.sleep(0.02)
 
 
 @dataclass
