@@ -101,16 +101,7 @@ def _sender_state(agent: Agent) -> str:
     ep = agent.endpoint
     if ep is None:
         return "no session"
-    s = ep.session
-    lanes = ", ".join(
-        f"{lane}: cursor {q.cursor} inflight {q.inflight_records} spool acked "
-        f"{agent.spool.acked_mark(lane)} last {agent.spool.pending_info(lane, q.cursor)}"
-        for lane, q in s._lanes.items()
-    )
-    return (
-        f"state {s.state.name} credit {s._credit} sent {s._sent_new} "
-        f"linger_at {s._linger_at} timer {ep.get_timer()} now {agent._now()}; {lanes}"
-    )
+    return f"sender {ep.session.describe()}; spool last seq {agent.spool.last_seq}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,7 @@ from simulator.vnet import DevicePath, NetCounters, VirtualNetwork
 from simulator.vparallel import (
     MIN_LOOKAHEAD_S,
     PIPELINE_DEPTH,
+    CausalityError,
     Workers,
     assign_ranks,
     lookahead_s,
@@ -402,10 +403,7 @@ class VirtualFleet:
         paths, q = self.net.paths, self.queue
         for t, index, payload in up:
             if t < start:
-                raise RuntimeError(
-                    f"virtual run: a datagram from {paths[index].name} arrives at {t}, "
-                    f"before the window's start {start} (lookahead too long)"
-                )
+                raise CausalityError(paths[index].name, t, start)
             q.at(t, Kind.TO_HUB, paths[index], payload)
 
     def _to_remote_device(self, now: float, path: DevicePath, data: bytes, addr: Any) -> None:
@@ -420,7 +418,7 @@ class VirtualFleet:
         Window ``k`` runs once rank 0's window ``k - PIPELINE_DEPTH`` is in: what the hub
         sent then arrives no sooner than the lookahead later, at window ``k``'s start.
         """
-        self.rank = self.net.rank = rank
+        self.rank = rank
         self.net.remote_up = self._to_remote_hub
         self._start()
         width = self.lookahead / PIPELINE_DEPTH

@@ -17,6 +17,7 @@ from typing import Any, Final
 
 from simulator.linkmodel import Link, LinkParams, LinkStats
 from simulator.vclock import EventQueue, Kind
+from simulator.vparallel import CausalityError
 
 Address = tuple[Any, ...]
 HUB_ADDR: Final[Address] = ("hub.squall.virtual", 4433)
@@ -80,9 +81,8 @@ class VirtualNetwork:
         self.paths = [DevicePath(i, n, params_for(i, n), seed) for i, n in enumerate(names)]
         self._by_host = {p.host: p for p in self.paths}
         self.counters = NetCounters()
-        # Split runs (``simulator.vparallel``): this process's rank, and where datagrams
-        # go whose next stop runs in another process (None: everything is local).
-        self.rank = 0
+        # Split runs (``simulator.vparallel``): where datagrams go whose next stop runs in
+        # another process (None: everything is local).  The hub runs in rank 0.
         self.remote_up: Callable[[float, DevicePath, tuple[bytes, Address]], None] | None = None
         self.remote_down: Callable[[float, DevicePath, bytes, Address], None] | None = None
 
@@ -104,7 +104,7 @@ class VirtualNetwork:
         if path is None:
             self.counters.to_unknown_host += 1
             return
-        if path.owner != self.rank and self.remote_down is not None:
+        if self.remote_down is not None and path.owner != 0:
             # The device's process owns both directions of its link: it decides the fate
             # there, with the time the hub sent it.
             self.remote_down(now, path, data, addr)
@@ -116,8 +116,8 @@ class VirtualNetwork:
     ) -> None:
         """The link's fate for a datagram the hub sent at ``now`` to ``path``'s device.
 
-        ``not_before``: in a split run, the end of the window the datagram was sent in;
-        an arrival before it would break the run's causality (a lookahead too long).
+        ``not_before``: in a split run, the start of the window about to run; an arrival
+        before it is a ``CausalityError``.
         """
         fate = path.link.down.submit(now, len(data))
         if fate.drop_cause is not None:
@@ -125,8 +125,5 @@ class VirtualNetwork:
         payload = (fate.apply(data), int(addr[1]))
         for t in fate.deliver_at:
             if t < not_before:
-                raise RuntimeError(
-                    f"virtual run: a datagram to {path.name} sent at {now} arrives at {t}, "
-                    f"before the window's end {not_before} (lookahead too long)"
-                )
+                raise CausalityError(path.name, t, not_before)
             self.queue.at(t, Kind.TO_EDGE, path, payload)

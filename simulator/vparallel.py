@@ -84,6 +84,20 @@ def assign_ranks(devices: int, processes: int) -> list[int]:
     return out
 
 
+class CausalityError(RuntimeError):
+    """A datagram would arrive in a window already run: the lookahead was too long.
+
+    Never expected (``lookahead_s`` is the link model's own bound); raised rather than
+    delivered late, since a late delivery would make the run differ from a serial one.
+    """
+
+    def __init__(self, device: str, arrives: float, window_start: float) -> None:
+        super().__init__(
+            f"virtual run: a datagram of {device} arrives at {arrives:.9f} s, before the "
+            f"window it belongs to, which starts at {window_start:.9f} s"
+        )
+
+
 class WorkerFailed(RuntimeError):
     """A worker process of a split run died or raised; the message carries its traceback."""
 

@@ -385,6 +385,17 @@ class EdgeSession(_Core):
         """Records of ``lane`` on the wire and not yet acknowledged."""
         return self._lanes[lane].inflight_records  # type: ignore[index]
 
+    def describe(self) -> str:
+        """What the sender is at and waiting for, in one line (for diagnostics)."""
+        lanes = ", ".join(
+            f"{Lane(i).name.lower()}: sent up to {q.cursor}, {q.inflight_records} in flight"
+            for i, q in self._lanes.items()
+        )
+        return (
+            f"{self.state.name}, credit {self._sent_new}/{self._credit}, "
+            f"linger until {self._linger_at}; {lanes}"
+        )
+
     def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """End the session locally."""
         if self.state is not EdgeState.CLOSED:

@@ -355,6 +355,18 @@ def test_edge_sends_data_before_welcome_for_zero_rtt() -> None:
     assert any(isinstance(f, Data) for _, f in frames[1:])
 
 
+def test_describe_says_what_the_sender_waits_for() -> None:
+    outbox = MemoryOutbox()
+    outbox.add(Lane.CRITICAL, Record(1, 0, "acme.t1.alarm"), 0.0)
+    outbox.add(Lane.CRITICAL, Record(2, 0, "acme.t1.alarm"), 0.0)
+    edge = EdgeSession(outbox, 1, 0.0, SenderConfig(linger_s=0))
+    edge.poll(0.0)
+    text = edge.describe()
+    assert text.startswith("HELLO_SENT, credit 2/")
+    assert "critical: sent up to 2, 2 in flight" in text
+    assert "bulk: sent up to 0, 0 in flight" in text
+
+
 def test_ack_trims_spool_and_reports() -> None:
     outbox = MemoryOutbox()
     outbox.add(Lane.BULK, Record(1, 0, "acme.t1.log"), 0.0)

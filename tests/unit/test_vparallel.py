@@ -7,9 +7,16 @@ from dataclasses import replace
 
 import pytest
 
-from simulator.linkmodel import Link
+from simulator.linkmodel import Link, LossParams
 from simulator.profiles import DEFAULT_PROFILES_PATH, get_profile, load_profiles
-from simulator.vparallel import RANK0_DEVICE_SHARE, assign_ranks, lookahead_s
+from simulator.vclock import EventQueue
+from simulator.vnet import VirtualNetwork
+from simulator.vparallel import (
+    RANK0_DEVICE_SHARE,
+    CausalityError,
+    assign_ranks,
+    lookahead_s,
+)
 
 
 @pytest.mark.parametrize("name", sorted(load_profiles(DEFAULT_PROFILES_PATH)))
@@ -50,3 +57,15 @@ def test_devices_are_dealt_out_evenly_and_the_same_every_time() -> None:
     # rank 0's devices are spread over the fleet, not a block at one end
     zeros = [i for i, r in enumerate(ranks) if r == 0]
     assert zeros[0] < 1000 // n[0] + 1 and zeros[-1] >= 1000 - 1000 // n[0] - 1
+
+
+def test_an_arrival_inside_a_window_already_run_is_refused() -> None:
+    lossy = get_profile("3g-poor", DEFAULT_PROFILES_PATH)
+    params = replace(lossy, loss=LossParams.bernoulli(0.0))  # every datagram arrives
+    net = VirtualNetwork(EventQueue(), lambda i, n: params, ["truck-000"], seed=1)
+    path = net.paths[0]
+    # sent at 10 s, the link delivers no sooner than 10.11 s: a window starting at 10.05 s
+    # may take it, one starting at 10.5 s has run past it
+    net.down_from_hub(path, b"x" * 100, (path.host, 20_000), 10.0, not_before=10.05)
+    with pytest.raises(CausalityError, match="truck-000"):
+        net.down_from_hub(path, b"x" * 100, (path.host, 20_000), 10.0, not_before=10.5)
