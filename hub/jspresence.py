@@ -23,6 +23,7 @@ and tools (``GET /v1/presence/shared`` on any hub).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import Iterable
@@ -37,6 +38,9 @@ from nats.js.kv import KeyValue
 from hub.jslog import NATS_FAILURES, JetStreamLog, JetStreamLogError, JetStreamSettings, connect
 from hub.log import LogEntry
 from hub.presence import PresenceChange, State
+
+LIST_TIMEOUT_S = 2.0  # one listing of the bucket's keys
+LIST_TRIES = 3  # listings tried before current() gives up
 
 DEFAULT_BUCKET = "squall_presence"
 
@@ -210,12 +214,24 @@ class JetStreamPresence:
         """Every device's presence as the bucket holds it now."""
         kv = self._bucket()
         out: dict[tuple[str, str], SharedPresence] = {}
-        try:
-            keys = await kv.keys()
-        except nats.js.errors.NoKeysError:
-            return out
-        except (*NATS_FAILURES, nats.js.errors.Error) as exc:
-            raise JetStreamLogError(f"presence bucket {self.bucket}: {exc!r}") from exc
+        keys: list[str] = []
+        # nats-py lists keys through a watcher that waits for an end-of-snapshot marker; a
+        # listing that races a hub's rewrite of a key can wait for it forever.  Each try is
+        # bounded; after LIST_TRIES the caller gets JetStreamLogError (HTTP: 503).
+        for attempt in range(1, LIST_TRIES + 1):
+            try:
+                keys = await asyncio.wait_for(kv.keys(), LIST_TIMEOUT_S)
+                break
+            except nats.js.errors.NoKeysError:
+                return out
+            except TimeoutError as exc:
+                if attempt == LIST_TRIES:
+                    raise JetStreamLogError(
+                        f"presence bucket {self.bucket}: listing its keys timed out "
+                        f"{LIST_TRIES} times ({LIST_TIMEOUT_S} s each)"
+                    ) from exc
+            except (*NATS_FAILURES, nats.js.errors.Error) as exc:
+                raise JetStreamLogError(f"presence bucket {self.bucket}: {exc!r}") from exc
         for key in keys:
             with contextlib.suppress(nats.js.errors.KeyNotFoundError):
                 entry = await kv.get(key)
