@@ -477,3 +477,36 @@ def test_forwarder_resends_after_a_dropped_connection_and_loses_nothing(tmp_path
     assert len(got) - len(set(got)) <= fwd.stats.resent
     assert all(o > fwd.stats.resumed_from for o in duplicated)
     assert fwd.stats.forwarded == len(wanted) == fwd.stats.confirmed
+
+
+class _Transport:
+    def get_write_buffer_size(self) -> int:
+        return 5
+
+
+class _Writer:
+    """What _unacked_bytes reads of a StreamWriter: its transport and its socket."""
+
+    def __init__(self, sock: object) -> None:
+        self.transport = _Transport()
+        self._sock = sock
+
+    def get_extra_info(self, name: str) -> object:
+        assert name == "socket"
+        return self._sock
+
+
+def test_unacked_bytes_of_a_socket_closed_under_the_forwarder() -> None:
+    """A reset closes the socket under the forwarder (fileno -1): its send queue is gone,
+    what asyncio still buffers is all that is unacknowledged (not a ValueError)."""
+    import socket
+
+    from hub.syslogfwd import _unacked_bytes
+
+    a, b = socket.socketpair()
+    a.sendall(b"abc")
+    assert _unacked_bytes(_Writer(a)) >= 5  # type: ignore[arg-type]
+    b.close()
+    a.close()
+    assert _unacked_bytes(_Writer(a)) == 5  # type: ignore[arg-type]
+    assert _unacked_bytes(_Writer(None)) == 5  # type: ignore[arg-type]
