@@ -241,6 +241,16 @@ def jetstream_metrics(hub: Hub) -> Iterator[Metric]:
         "Presence changes written to the shared bucket",
         shared.written if shared else 0,
     )
+    yield counter(
+        "squall_hub_presence_listings",
+        "Shared presence listings answered (GET /v1/presence/shared)",
+        shared.listings if shared else 0,
+    )
+    yield counter(
+        "squall_hub_presence_list_failures",
+        "Shared presence listings failed (HTTP 503: NATS down, over 10 s or 100,000 keys)",
+        shared.list_failures if shared else 0,
+    )
     yield GaugeMetricFamily(
         "squall_hub_presence_backlog",
         "Presence changes waiting to be shared",
