@@ -200,6 +200,7 @@ class Agent:
             batch_max_records=s.batch_max_records,
             linger_s=s.linger_ms / 1000,
             window_records=s.window_records,
+            small_batches_in_flight=s.small_batches_in_flight,
             heartbeat_s=s.heartbeat_s,
         )
         session = EdgeSession(

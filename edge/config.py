@@ -47,6 +47,7 @@ class SenderSettings:
     batch_max_records: int = 100
     linger_ms: int = 1000  # telemetry and bulk; the critical lane never waits
     window_records: int = 2000
+    small_batches_in_flight: int = 2  # see transport.session.SenderConfig; 0: off
     heartbeat_s: float = 10.0
     idle_timeout_s: float = 60.0
 
@@ -54,6 +55,8 @@ class SenderSettings:
         """Reject impossible values."""
         if not 1 <= self.batch_max_records <= 4096:
             raise ValueError("sender.batch_max_records must be within 1..4096")
+        if not 0 <= self.small_batches_in_flight <= 64:
+            raise ValueError("sender.small_batches_in_flight must be within 0..64 (0: off)")
         if self.heartbeat_s <= 0 or self.heartbeat_s >= self.idle_timeout_s:
             raise ValueError("sender.heartbeat_s must be positive and below idle_timeout_s")
 

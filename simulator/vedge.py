@@ -252,6 +252,7 @@ class VirtualEdge:
             batch_max_records=s.batch_max_records,
             linger_s=s.linger_ms / 1000,
             window_records=s.window_records,
+            small_batches_in_flight=s.small_batches_in_flight,
             heartbeat_s=s.heartbeat_s,
         )
         self.session = EdgeSession(

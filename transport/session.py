@@ -82,6 +82,13 @@ class SenderConfig:
     linger_s: float = 0.05  # telemetry and bulk wait this long for a batch to fill
     critical_linger_s: float = 0.0  # an alarm goes out at once
     window_records: int = 2000  # unacknowledged records per lane
+    # Self-clocked batching (after Nagle): a telemetry or bulk batch that is not full waits
+    # while this many batches of its lane are unacknowledged, and goes when an ACK comes
+    # back, with everything that arrived meanwhile.  A hub or link slower than the linger
+    # so gets fewer, fuller batches instead of a packet per linger (at a hub's saturation,
+    # packets, not records, are the cost).  Full batches and the critical lane never wait.
+    # 0: off.
+    small_batches_in_flight: int = 2
     rto_s: float = 15.0  # retransmit safety net; QUIC streams are reliable within a connection
     rto_max_s: float = 60.0
     heartbeat_s: float = 10.0
@@ -175,6 +182,7 @@ class EdgeSession(_Core):
         self._last_heard = now
         self._silence_s = self.config.hub_silence_s or 3 * self.config.heartbeat_s
         self.retransmitted = 0
+        self.held_small = 0  # polls that held a small batch back for an ACK (self-clocking)
         acked = {int(k): v.cursor for k, v in self._lanes.items() if v.cursor}
         hb_ms = int(self.config.heartbeat_s * 1000)
         self._send(CONTROL, Hello(incarnation, agent, hb_ms, acked))
@@ -282,11 +290,20 @@ class EdgeSession(_Core):
             count, oldest = self._outbox.pending_info(lane_id, lane.cursor)
             if count == 0 or oldest is None:
                 return
-            linger = cfg.critical_linger_s if lane_id == Lane.CRITICAL else cfg.linger_s
-            if count < min(room, cfg.batch_max_records) and now < oldest + linger * linger_share:
-                due = oldest + linger
-                self._linger_at = due if self._linger_at is None else min(self._linger_at, due)
-                return
+            critical = lane_id == Lane.CRITICAL
+            linger = cfg.critical_linger_s if critical else cfg.linger_s
+            if count < min(room, cfg.batch_max_records):
+                if now < oldest + linger * linger_share:
+                    due = oldest + linger
+                    self._linger_at = due if self._linger_at is None else min(self._linger_at, due)
+                    return
+                if (
+                    not critical
+                    and cfg.small_batches_in_flight
+                    and len(lane.inflight) >= cfg.small_batches_in_flight
+                ):
+                    self.held_small += 1
+                    return  # the next ACK polls again (and the lane's RTO covers a lost one)
             records = self._outbox.pending(lane_id, lane.cursor, room)
             if not records:
                 return

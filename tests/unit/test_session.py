@@ -467,6 +467,105 @@ def test_what_is_half_due_rides_a_batch_that_goes_out_anyway() -> None:
     assert edge.get_timer() == pytest.approx(7.7)  # bulk's own linger
 
 
+def test_a_slow_hub_gets_fewer_fuller_batches() -> None:
+    """Self-clocking: with two small batches unacknowledged, a third lingered-out one waits
+    for an ACK and then goes with everything that came meanwhile (one packet, not four);
+    a full batch and the critical lane never wait."""
+    outbox = MemoryOutbox()
+    cfg = SenderConfig(batch_max_records=5, linger_s=1.0, small_batches_in_flight=2)
+    ledger = DeviceLedger(1)
+    hub = HubSession("acme", "t1", lambda inc: ledger, 0.0)
+    edge = EdgeSession(outbox, 1, 0.0, cfg)
+    _handshake(edge, hub)
+
+    def data_sent() -> list[tuple[int, int]]:
+        return [
+            (f.lane, f.count)
+            for f in (decode_frame(d) for _, d in edge.frames_to_send())
+            if isinstance(f, Data)
+        ]
+
+    for seq, t in ((1, 0.0), (2, 1.0)):  # one record a second, each lingers out alone
+        outbox.add(Lane.TELEMETRY, Record(seq, 0, "acme.t1.gps"), t)
+        edge.poll(t + 1.0)
+        assert data_sent() == [(Lane.TELEMETRY, 1)]
+    for seq in (3, 4, 5):  # the hub is slow: nothing acknowledged yet
+        outbox.add(Lane.TELEMETRY, Record(seq, 0, "acme.t1.gps"), seq - 1.0)
+        edge.poll(seq)
+        assert data_sent() == []
+        assert edge.get_timer() is None or edge.get_timer() >= 15.0  # no linger timer spin
+    assert edge.held_small == 3
+    outbox.add(Lane.CRITICAL, Record(6, 0, "acme.t1.alarm"), 5.0)
+    edge.poll(5.0)
+    assert data_sent() == [(Lane.CRITICAL, 1)]  # an alarm never waits
+    for seq in range(7, 10):  # telemetry fills up (3, 4, 5, 7, 8): it goes without an ACK
+        outbox.add(Lane.TELEMETRY, Record(seq, 0, "acme.t1.gps"), 5.0)
+    edge.poll(5.0)
+    assert data_sent() == [(Lane.TELEMETRY, 5)]
+    outbox.add(Lane.TELEMETRY, Record(10, 0, "acme.t1.gps"), 5.0)
+    edge.poll(6.5)
+    assert data_sent() == []  # three batches in flight: 9 and 10, lingered out, wait
+    ledger.lanes[Lane.TELEMETRY].committed = 2  # the hub commits and acknowledges 1..2
+    hub.on_committed(6.6)
+    for _, data in hub.frames_to_send():
+        edge.receive_frame(decode_frame(data), 6.6)  # the ACK polls the sender
+    assert data_sent() == [(Lane.TELEMETRY, 2)]  # 9 and 10 in one batch
+
+
+@pytest.mark.parametrize("ack_live_session", [True, False])
+def test_a_device_that_reconnected_mid_commit_hears_the_ack_on_its_new_session(
+    ack_live_session: bool,
+) -> None:
+    """Session 1 hands a batch to the group commit and dies; session 2 resends it (a
+    duplicate of records not yet durable: nothing durable to ACK yet).  When the group
+    commits, the device's current session is acknowledged too (GroupCommit.committed with
+    the shell's live-session lookup); without that, the edge waits for its RTO."""
+    from hub.ingest import Accepted, GroupCommit
+
+    outbox = MemoryOutbox()
+    for seq in (1, 2, 3):
+        outbox.add(Lane.TELEMETRY, Record(seq, 0, "acme.t1.gps"), 0.0)
+    ledger = DeviceLedger(1)
+    group: GroupCommit[str] = GroupCommit()
+    hubs: dict[str, HubSession] = {}
+
+    def connect(name: str, now: float) -> EdgeSession:
+        hubs[name] = HubSession("acme", "t1", lambda inc: ledger, now)
+        edge = EdgeSession(outbox, 1, now, SenderConfig(linger_s=0))
+        _handshake(edge, hubs[name], now)
+        for ev in iter(hubs[name].next_event, None):
+            if isinstance(ev, BatchAccepted):
+                group.add(Accepted(name, "acme", "t1", ledger, ev, now), now)
+        return edge
+
+    connect("s1", 0.0)  # 1..3 accepted by session 1, its commit pending
+    edge2 = connect("s2", 1.0)  # session 1 is gone; session 2 resent 1..3: duplicates
+    assert len(group) == 1 and hubs["s2"].duplicates == 3
+    live = {("acme", "t1"): "s2"}
+    lookup = (lambda t, d: live.get((t, d))) if ack_live_session else None
+    keys = GroupCommit.committed(group.take(), lookup)
+    assert keys == (["s1", "s2"] if ack_live_session else ["s1"])
+    for key in keys:
+        hubs[key].on_committed(2.0)
+    for _, data in hubs["s2"].frames_to_send():
+        edge2.receive_frame(decode_frame(data), 2.0)
+    assert outbox.depth(Lane.TELEMETRY) == (0 if ack_live_session else 3)
+
+
+def test_without_self_clocking_every_linger_sends() -> None:
+    outbox = MemoryOutbox()
+    cfg = SenderConfig(batch_max_records=5, linger_s=1.0, small_batches_in_flight=0)
+    hub = HubSession("acme", "t1", DeviceLedger, 0.0)
+    edge = EdgeSession(outbox, 1, 0.0, cfg)
+    _handshake(edge, hub)
+    sent = 0
+    for seq in range(1, 6):
+        outbox.add(Lane.TELEMETRY, Record(seq, 0, "acme.t1.gps"), seq - 1.0)
+        edge.poll(float(seq))
+        sent += sum(isinstance(decode_frame(d), Data) for _, d in edge.frames_to_send())
+    assert sent == 5 and edge.held_small == 0
+
+
 # what the edge agent's heartbeat holds (edge/agent.py _heartbeat_stats), credit-blocked
 AGENT_HEARTBEAT = {
     "d": {"0": [0, 0], "1": [12, 3400], "2": [0, 0]},
