@@ -9,6 +9,7 @@ what they accepted and close; the edges resend).  Bounded: a group closes at
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -91,12 +92,25 @@ class GroupCommit(Generic[K]):
         return items
 
     @staticmethod
-    def committed(items: list[Accepted[K]]) -> list[K]:
-        """The group is durable: advance the ledgers; returns the sessions to acknowledge."""
+    def committed(
+        items: list[Accepted[K]], current: Callable[[str, str], K | None] | None = None
+    ) -> list[K]:
+        """The group is durable: advance the ledgers; returns the sessions to acknowledge.
+
+        Those are the sessions that accepted the items and, with ``current`` (the shell's
+        live session of a device, or None), each device's session now: a device that
+        reconnected while its batches were in this group resent them on its new session,
+        where they were duplicates of records not yet durable -- it waits for this ACK
+        there (without it, until its retransmission timer).
+        """
+        keys: list[K] = []
         for it in items:
             lane = it.ledger.lanes[it.batch.lane]
             lane.committed = max(lane.committed, it.batch.last_seq)
-        return list(dict.fromkeys(it.key for it in items))  # each once, in item order
+            keys.append(it.key)
+            if current is not None and (now := current(it.tenant, it.device)) is not None:
+                keys.append(now)
+        return list(dict.fromkeys(keys))  # each once, in item order
 
     @staticmethod
     def failed(items: list[Accepted[K]]) -> list[K]:

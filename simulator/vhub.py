@@ -91,6 +91,7 @@ class VirtualHub:
             tickets=TicketStore(c.server.max_tickets),
         )
         self.counters: Counter[str] = Counter()
+        self._live: dict[tuple[str, str], HubConnection] = {}  # each device's newest session
         self._tick_at = now + PRESENCE_TICK_S
 
     # -- the shell's pump ------------------------------------------------------------
@@ -138,13 +139,19 @@ class VirtualHub:
         ident = conn.identity
         assert ident is not None
         self.counters["sessions"] += 1
+        self._live[(ident.tenant, ident.device)] = conn
         addr = conn.peer_addr
         self.presence.connected(ident.tenant, ident.device, f"{addr[0]}:{addr[1]}", wall)
 
     def _on_disconnected(self, conn: HubConnection, wall: float) -> None:
         ident = conn.identity
+        if ident is not None and self._live.get((ident.tenant, ident.device)) is conn:
+            del self._live[(ident.tenant, ident.device)]
         if ident is not None and conn.handshake_done:
             self.presence.disconnected(ident.tenant, ident.device, wall)
+
+    def _live_of(self, tenant: str, device: str) -> HubConnection | None:
+        return self._live.get((tenant, device))
 
     def _on_session_event(
         self, conn: HubConnection, ev: SessionEvent, now: float, wall: float
@@ -187,7 +194,7 @@ class VirtualHub:
             return
         self.counters["commits"] += 1
         self.counters["records_committed"] += sum(p.count for p in pending)
-        for conn in GroupCommit.committed(items):  # in item order
+        for conn in GroupCommit.committed(items, self._live_of):  # in item order
             if conn.session is not None:
                 conn.session.on_committed(now)
                 self.endpoint.touch(conn, now)
