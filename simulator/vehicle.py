@@ -101,7 +101,8 @@ def _sender_state(agent: Agent) -> str:
     ep = agent.endpoint
     if ep is None:
         return "no session"
-    return f"sender {ep.session.describe()}; spool last seq {agent.spool.last_seq}"
+    now = asyncio.get_running_loop().time()
+    return f"{ep.describe(now)}; spool last seq {agent.spool.last_seq}"
 
 
 def main(argv: list[str] | None = None) -> int:

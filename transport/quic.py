@@ -326,6 +326,18 @@ class EdgeEndpoint:
         """Share of this connection's packets that QUIC declared lost."""
         return self.packets_lost / self.packets_sent if self.packets_sent else 0.0
 
+    def describe(self, now: float) -> str:
+        """QUIC loss recovery and the session in one line (for diagnostics)."""
+        loss: Any = self.quic._loss
+        timer = self.quic.get_timer()
+        due = "none" if timer is None else f"in {timer - now:.1f} s"
+        return (
+            f"quic srtt {self.rtt() * 1000:.0f} ms, rttvar {loss._rtt_variance * 1000:.0f} ms, "
+            f"pto backoff x{2**loss._pto_count}, {loss.bytes_in_flight} bytes in flight "
+            f"(cwnd {loss.congestion_window}), lost {self.packets_lost}/{self.packets_sent} "
+            f"packets, timer {due}; sender {self.session.describe()}"
+        )
+
     def rtt(self) -> float:
         """Smoothed RTT estimate in seconds (aioquic's recovery state)."""
         loss: Any = self.quic._loss
