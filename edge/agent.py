@@ -61,6 +61,7 @@ class AgentStats:
     early_data_sessions: int = 0
     refused: int = 0
     retransmitted: int = 0
+    held_small: int = 0  # small batches that waited for an ACK (sender.small_batches_in_flight)
 
 
 class Agent:
@@ -239,6 +240,7 @@ class Agent:
             await self._lost.wait()
         finally:
             self.stats.retransmitted += session.retransmitted
+            self.stats.held_small += session.held_small
             self._driver.close()
             self.connected.clear()
             self.endpoint = None

@@ -41,6 +41,11 @@ class AgentCollector:
             "Records sent again",
             value=a.stats.retransmitted + (a.endpoint.session.retransmitted if a.endpoint else 0),
         )
+        yield CounterMetricFamily(
+            "squall_edge_small_batches_held",
+            "Small batches that waited for an ACK (sender.small_batches_in_flight)",
+            value=a.stats.held_small + (a.endpoint.session.held_small if a.endpoint else 0),
+        )
         yield CounterMetricFamily("squall_edge_reconnects", "Reconnects", value=a.stats.reconnects)
         yield CounterMetricFamily(
             "squall_edge_failovers",

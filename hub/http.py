@@ -27,6 +27,7 @@ from prometheus_client.core import (
 )
 
 from hub.alertsinks import alert_json
+from hub.jspresence import SharedPresenceStats
 from hub.server import Hub
 from hub.websub import TOKENS_KEY, Tokens, add_routes
 from transport.errors import SquallError
@@ -230,26 +231,26 @@ def jetstream_metrics(hub: Hub) -> Iterator[Metric]:
         "1 while connected to NATS",
         value=int(hub.jslog.connection is not None and hub.jslog.connection.is_connected),
     )
-    shared = hub.jspresence.stats if hub.jspresence is not None else None
+    shared = hub.jspresence.stats if hub.jspresence is not None else SharedPresenceStats()
     yield counter(
         "squall_hub_presence_superseded",
         "Stale/offline reports dropped: the device is on another hub now",
-        shared.superseded if shared else 0,
+        shared.superseded,
     )
     yield counter(
         "squall_hub_presence_shared",
         "Presence changes written to the shared bucket",
-        shared.written if shared else 0,
+        shared.written,
     )
     yield counter(
         "squall_hub_presence_listings",
         "Shared presence listings answered (GET /v1/presence/shared)",
-        shared.listings if shared else 0,
+        shared.listings,
     )
     yield counter(
         "squall_hub_presence_list_failures",
         "Shared presence listings failed (HTTP 503: NATS down, over 10 s or 100,000 keys)",
-        shared.list_failures if shared else 0,
+        shared.list_failures,
     )
     yield GaugeMetricFamily(
         "squall_hub_presence_backlog",

@@ -829,11 +829,11 @@ def _unacked_bytes(writer: asyncio.StreamWriter) -> int:
     """Bytes written but not acknowledged by the peer's TCP: transport buffer + send queue."""
     pending = writer.transport.get_write_buffer_size()
     sock = writer.get_extra_info("socket")
-    if sock is None or sock.fileno() < 0:  # closed under us (a reset): nothing is in flight
+    if sock is None:
         return pending
     try:
         raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # SIOCOUTQ on Linux
-    except (OSError, ValueError):  # ValueError: closed between the check and the call
+    except (OSError, ValueError):  # ValueError: fileno -1, closed under us by a reset
         return pending  # no send-queue insight: handing bytes to the kernel must do
     return pending + int(struct.unpack("i", raw)[0])
 

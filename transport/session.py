@@ -115,6 +115,7 @@ class _EdgeLane:
     inflight: deque[_Inflight] = field(default_factory=deque)
     rto: float = 0.0
     inflight_records: int = 0  # sum of the batches' counts, kept with ``inflight``
+    held: bool = False  # a lingered-out small batch waits for an ACK (self-clocking)
 
 
 class EdgeState(Enum):
@@ -182,7 +183,7 @@ class EdgeSession(_Core):
         self._last_heard = now
         self._silence_s = self.config.hub_silence_s or 3 * self.config.heartbeat_s
         self.retransmitted = 0
-        self.held_small = 0  # polls that held a small batch back for an ACK (self-clocking)
+        self.held_small = 0  # small batches that waited for an ACK (self-clocking)
         acked = {int(k): v.cursor for k, v in self._lanes.items() if v.cursor}
         hb_ms = int(self.config.heartbeat_s * 1000)
         self._send(CONTROL, Hello(incarnation, agent, hb_ms, acked))
@@ -302,7 +303,9 @@ class EdgeSession(_Core):
                     and cfg.small_batches_in_flight
                     and len(lane.inflight) >= cfg.small_batches_in_flight
                 ):
-                    self.held_small += 1
+                    if not lane.held:  # counted once per batch, not per poll
+                        self.held_small += 1
+                        lane.held = True
                     return  # the next ACK polls again (and the lane's RTO covers a lost one)
             records = self._outbox.pending(lane_id, lane.cursor, room)
             if not records:
@@ -322,6 +325,7 @@ class EdgeSession(_Core):
         first, last = records[0].seq, records[-1].seq
         data = Data(lane_id, lane.cursor, first, last, len(records), codec, payload, self._sent_new)
         frame = encode_frame(data)
+        lane.held = False
         lane.inflight.append(
             _Inflight(lane.cursor, records[0].seq, records[-1].seq, len(records), frame, now)
         )

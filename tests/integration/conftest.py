@@ -15,7 +15,7 @@ from hub.log import Log
 from transport import certs
 
 if TYPE_CHECKING:
-    from tests.integration.realpeers import Rsyslog
+    from tests.integration.realpeers import NatsServer, Rsyslog
 
 
 async def until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
@@ -131,6 +131,21 @@ def rsyslog(tmp_path: Path) -> Iterator[Rsyslog]:
     from tests.integration.realpeers import Rsyslog
 
     server = Rsyslog(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A real nats-server with JetStream in ``tmp_path``, on a free loopback port."""
+    from tests.integration.realpeers import NATS_SERVER, NatsServer
+
+    if not Path(NATS_SERVER).exists():
+        pytest.fail("nats-server is not installed: run `make system-deps`")
+    server = NatsServer(tmp_path)
     server.start()
     try:
         yield server

@@ -1,4 +1,5 @@
-"""Real peers started by tests on loopback ports: rsyslogd with a private config.
+"""Real peers started by tests on loopback ports: rsyslogd with a private config, and
+nats-server with JetStream in a temporary directory.
 
 rsyslogd runs in the foreground from a config written into a temp dir: only imtcp is
 loaded (no imuxsock, so /dev/log and the system config are never touched), a private
@@ -9,6 +10,7 @@ the tests check as one JSON object a line.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +23,7 @@ import pytest
 from tests.integration.conftest import free_port
 
 RSYSLOGD = "/usr/sbin/rsyslogd"
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 CONF = """\
 global(workDirectory="{work}" maxMessageSize="64k")
@@ -109,3 +112,50 @@ class Rsyslog:
             except ValueError:
                 continue
         return out
+
+
+class NatsServer:
+    """One nats-server with JetStream in a temporary directory; stop/start keep port and data.
+
+    ``max_payload`` (bytes; 0: the server's default of 1 MiB) goes into a config file:
+    hubs with the default 1 MiB ``limits.max_frame_bytes`` need more (the recipe says 2MB).
+    """
+
+    def __init__(self, root: Path, max_payload: int = 0) -> None:
+        self.root = root
+        self.port = free_port(socket.SOCK_STREAM)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.max_payload = max_payload
+
+    def start(self) -> None:
+        store = self.root / "js"
+        store.mkdir(exist_ok=True)
+        out = (self.root / "nats-server.log").open("ab")
+        argv = [NATS_SERVER, "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(self.port)]
+        if self.max_payload:
+            conf = self.root / "nats.conf"
+            conf.write_text(f"max_payload: {self.max_payload}\n")
+            argv += ["-c", str(conf)]
+        self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nats-server exited: {self.root / 'nats-server.log'}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    if s.recv(4).startswith(b"INFO"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("nats-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc = None

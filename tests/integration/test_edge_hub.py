@@ -319,6 +319,8 @@ def test_edge_metrics_endpoint_parses(tmp_path: Path, pki: Path) -> None:
         assert fams["squall_edge_accepted"].samples[0].value == 30
         assert fams["squall_edge_acked"].samples[0].value == 30
         assert fams["squall_edge_connected"].samples[0].value == 1
+        # a healthy loopback hub ACKs long before the next linger: no batch waited
+        assert fams["squall_edge_small_batches_held"].samples[0].value == 0
         assert {s.labels["lane"] for s in fams["squall_edge_spool_records"].samples} == {
             "critical",
             "telemetry",

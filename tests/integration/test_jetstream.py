@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
-import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,69 +21,8 @@ from hub.jslog import (
     JetStreamSettings,
 )
 from hub.log import LogEntry, PendingBatch
-from tests.integration.conftest import free_port
+from tests.integration.realpeers import NatsServer
 from transport.batchcodec import Record, encode_batch
-
-NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
-
-
-class NatsServer:
-    """One nats-server with JetStream in a temporary directory; stop/start keep port and data.
-
-    ``max_payload`` (bytes; 0: the server's default of 1 MiB) goes into a config file:
-    hubs with the default 1 MiB ``limits.max_frame_bytes`` need more (the recipe says 2MB).
-    """
-
-    def __init__(self, root: Path, max_payload: int = 0) -> None:
-        self.root = root
-        self.port = free_port(socket.SOCK_STREAM)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.max_payload = max_payload
-
-    def start(self) -> None:
-        store = self.root / "js"
-        store.mkdir(exist_ok=True)
-        out = (self.root / "nats-server.log").open("ab")
-        argv = [NATS_SERVER, "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(self.port)]
-        if self.max_payload:
-            conf = self.root / "nats.conf"
-            conf.write_text(f"max_payload: {self.max_payload}\n")
-            argv += ["-c", str(conf)]
-        self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited: {self.root / 'nats-server.log'}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    if s.recv(4).startswith(b"INFO"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("nats-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self.proc = None
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    if not Path(NATS_SERVER).exists():
-        pytest.fail("nats-server is not installed: run `make system-deps`")
-    server = NatsServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def settings_for(server: NatsServer, **kw: object) -> JetStreamSettings:
@@ -496,13 +432,15 @@ def test_a_hub_on_jetstream_acks_what_the_stream_holds_and_shares_presence(
         auth = {"Authorization": "Bearer s3cret"}
         base = f"http://127.0.0.1:{http_port}"
         async with aiohttp.ClientSession() as http:
-            async with http.get(f"{base}/metrics", headers=auth) as r:
-                metrics = await r.text()
             async with http.get(f"{base}/v1/presence/shared", headers=auth) as r:
                 shared = (await r.json())["devices"]
+            async with http.get(f"{base}/metrics", headers=auth) as r:
+                metrics = await r.text()
             async with http.get(f"{base}/v1/subscribe", headers=auth) as r:
                 assert r.status == 501 and "squall consume" in (await r.json())["error"]
         assert "squall_hub_jetstream_published_total" in metrics
+        assert "squall_hub_presence_listings_total 1.0" in metrics
+        assert "squall_hub_presence_list_failures_total 0.0" in metrics
         assert [(d["device"], d["presence"], d["hub"]) for d in shared] == [
             ("t1", "online", "hub-a")
         ]
@@ -512,8 +450,7 @@ def test_a_hub_on_jetstream_acks_what_the_stream_holds_and_shares_presence(
         await other.open()
         seen = None
         for _ in range(200):
-            # a listing taken while hub-a rewrites the key can miss it (nats-py's keys()
-            # watcher, seen once in ~20 runs): that is "not yet", as online is
+            # hub-a writes "offline" once it notices the session ended: poll until then
             seen = (await other.current()).get(("acme", "t1"))
             if seen is not None and seen.state.value == "offline":
                 break

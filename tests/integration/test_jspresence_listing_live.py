@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import nats
 import pytest
@@ -26,23 +24,12 @@ from hub.jspresence import (
     presence_key,
 )
 from hub.presence import PresenceChange, State
-from tests.integration.test_jetstream import NATS_SERVER, NatsServer, settings_for
+from tests.integration.realpeers import NatsServer
+from tests.integration.test_jetstream import settings_for
 
 pytestmark = pytest.mark.integration
 
 STREAM = f"KV_{DEFAULT_BUCKET}"
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    if not Path(NATS_SERVER).exists():
-        pytest.fail("nats-server is not installed: run `make system-deps`")
-    server = NatsServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def online(device: str, at: float, tenant: str = "acme") -> PresenceChange:

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from edge.placement import home_hub
-from tests.integration.test_jetstream import NATS_SERVER, NatsServer
+from tests.integration.realpeers import NATS_SERVER, NatsServer
 
 from .conftest import free_port, write_edge_config, write_hub_config
 
