@@ -19,7 +19,9 @@ accepted records count: each must reach the durable consumer exactly once.
 Two cores (``processes``, default 2): the devices are dealt out to forked worker
 processes and every process runs its share in lockstep windows as long as the link's
 least one-way delay (``simulator.vparallel``).  The report is the same for the same seed
-and process count; against a one-process run only the last moments of the drain differ.
+and process count, and the run ends at the poll a one-process run ends at, record for
+record and hub packet for hub packet the same; only the workers' devices run on to the end
+of their last window (a few uplink packets more, and the event count).
 
 What differs from the real world, on purpose: the process crash drops memory only (no
 power cut: a batch-durable spool keeps every commit); the work directory defaults to a
@@ -248,7 +250,15 @@ class VirtualFleet:
             path.owner = owner
         self._up_out: list[tuple[float, int, tuple[bytes, Any]]] = []  # worker -> hub
         self._down_out: dict[int, list[tuple[float, int, bytes, Any]]] = {}  # hub -> rank
-        self._remote_status: dict[int, tuple[bool, int, int] | None] = {}
+        self._remote_status: dict[int, tuple[bool, int, int] | None] = {}  # for progress
+        # The end of a split run: a worker's devices drained or not at each of rank 0's
+        # consumer polls from the drive's end on (the n-th after it: the same float sums
+        # give the same times), and how many of each worker's windows rank 0 has taken.
+        self._polls: list[bool] = []  # a worker's, of its current window
+        self._remote_polls: dict[int, list[bool]] = {}
+        self._polls_at_end = 0  # rank 0's consumer polls from the drive's end on
+        self._windows_in: dict[int, int] = {}
+        self._workers: Workers | None = None
         self.pki = VirtualPki()
         self.sink = DeliverySink()
         self.faults: list[dict[str, Any]] = []
@@ -353,23 +363,31 @@ class VirtualFleet:
             for hub_crash in cfg.hub_crashes:
                 q.at(hub_crash.at_s, Kind.FAULT, None, ("hub-crash", hub_crash))
             q.at(cfg.consumer_poll_s, Kind.CONSUMER)
+        else:  # a worker notes its devices' state at rank 0's polls that may end the run
+            t = cfg.consumer_poll_s
+            while t < cfg.duration_s:
+                t += cfg.consumer_poll_s  # rank 0's sums: its polls come at these very times
+            q.at(t, Kind.CONSUMER)
 
     # -- a split run (simulator.vparallel) ------------------------------------------
 
     def _run_split(self, started: float) -> dict[str, Any]:
         """Rank 0's side: the hub and its devices, in windows with the workers."""
-        workers = Workers(self.processes, self._work)
+        workers = self._workers = Workers(self.processes, self._work)
         try:
             self.net.remote_down = self._to_remote_device
-            self._down_out = {r: [] for r in range(1, self.processes)}
-            self._remote_status = {r: None for r in range(1, self.processes)}
+            ranks = range(1, self.processes)
+            self._down_out = {r: [] for r in ranks}
+            self._remote_status = {r: None for r in ranks}
+            self._remote_polls = {r: [] for r in ranks}
+            self._windows_in = dict.fromkeys(ranks, 0)
             self._start()
             width = self.lookahead / PIPELINE_DEPTH
             k = 0
             while True:
-                if k >= PIPELINE_DEPTH:
-                    for r in range(1, self.processes):
-                        self._take_window(r, workers.recv(r), k * width)
+                for r in ranks:  # (a poll that may end the run can have taken it already)
+                    while self._windows_in[r] <= k - PIPELINE_DEPTH:
+                        self._take_window(r)
                 before = (k + 1) * width
                 self._run_events(before)
                 if self._done or before > self._end:
@@ -381,8 +399,8 @@ class VirtualFleet:
             if not self._done:
                 self.queue.now = self._end
             results = self._finish()
-            for r in range(1, self.processes):
-                workers.send(r, ("finish", self.queue.now))
+            for r in ranks:  # with what the hub sent in its last window: the fates count
+                workers.send(r, ("finish", self.queue.now, self._down_out[r]))
             remote: list[_RankResult] = []
             for r in range(1, self.processes):
                 msg = workers.recv(r)
@@ -395,11 +413,21 @@ class VirtualFleet:
         workers.close()
         return self._report(results, remote, time.perf_counter() - started)
 
-    def _take_window(self, rank: int, msg: Any, start: float) -> None:
-        """A worker's window ``k - PIPELINE_DEPTH``: its datagrams join the queue."""
-        up, status = msg
+    def _take_window(self, rank: int) -> None:
+        """Worker ``rank``'s next window: its datagrams join the queue, its polls are noted.
+
+        Window ``i`` of a worker is due at the start of rank 0's window
+        ``i + PIPELINE_DEPTH`` (its datagrams arrive no sooner); a poll that may end the
+        run takes it sooner.
+        """
+        assert self._workers is not None
+        i = self._windows_in[rank]
+        up, status, polls = self._workers.recv(rank)
+        self._windows_in[rank] = i + 1
+        start = (i + PIPELINE_DEPTH) * (self.lookahead / PIPELINE_DEPTH)
         if status is not None:
             self._remote_status[rank] = status
+        self._remote_polls[rank].extend(polls)
         paths, q = self.net.paths, self.queue
         for t, index, payload in up:
             if t < start:
@@ -427,7 +455,7 @@ class VirtualFleet:
         while True:
             if k >= PIPELINE_DEPTH:
                 msg = link.recv()
-                if isinstance(msg, tuple):  # ("finish", now)
+                if isinstance(msg, tuple):  # ("finish", now, what the hub sent last)
                     break
                 start = k * width
                 for sent, index, data, addr in msg:
@@ -435,9 +463,11 @@ class VirtualFleet:
             before = (k + 1) * width
             self._run_events(before)
             status = self._status() if self._want_status(before, width) else None
-            link.send((self._up_out, status))
-            self._up_out = []
+            link.send((self._up_out, status, self._polls))
+            self._up_out, self._polls = [], []
             k += 1
+        for sent, index, data, addr in msg[2]:  # their fates, as a one-process run counts
+            self.net.down_from_hub(paths[index], data, addr, sent)
         self.queue.now = max(self.queue.now, msg[1])
         link.send(
             _RankResult(
@@ -450,10 +480,7 @@ class VirtualFleet:
         )
 
     def _want_status(self, before: float, width: float) -> bool:
-        """Whether rank 0 needs this worker's spool depths as of ``before``: to see the
-        end of the run, or for a progress line."""
-        if before >= self.cfg.duration_s:
-            return True
+        """Whether rank 0 needs this worker's counts as of ``before`` for a progress line."""
         every = _PROGRESS_EVERY_S
         return self.progress is not None and before // every != (before - width) // every
 
@@ -551,9 +578,16 @@ class VirtualFleet:
 
     def _on_consumer(self, _: Any, __: Any) -> None:
         now = self.queue.now
+        if self.rank != 0:  # a worker: are its devices drained at this poll of rank 0's?
+            self._polls.append(self._status()[0])
+            self.queue.at(now + self.cfg.consumer_poll_s, Kind.CONSUMER)
+            return
+        at_end = now >= self.cfg.duration_s
+        n = self._polls_at_end  # (counted while the hub is down too: workers count them)
+        self._polls_at_end += 1 if at_end else 0
         if self.hub is not None:
             self.hub.poll_consumer(self.sink.take)
-            if now >= self.cfg.duration_s and self._drained():
+            if at_end and self._drained(n):
                 self._done = True
                 return
         if self.progress is not None and now >= self._next_progress:
@@ -619,13 +653,21 @@ class VirtualFleet:
 
     # -- the end ---------------------------------------------------------------------------
 
-    def _drained(self) -> bool:
-        if self._hub_crash_down_s is not None:
+    def _drained(self, n: int) -> bool:
+        """Every device drained at this poll, rank 0's ``n``-th from the drive's end on.
+
+        A worker's state at the poll's own time, not at its last window's end: the run
+        ends at the poll a one-process run ends at.  Rank 0 takes the worker's windows up
+        to this time, sooner than the pipeline would (they were sent, see ``_work``).
+        """
+        if self._hub_crash_down_s is not None or not self._status()[0]:
             return False
-        # a worker's devices as of the last window's end
-        if not all(s is not None and s[0] for s in self._remote_status.values()):
-            return False
-        return self._status()[0]
+        for r, polls in self._remote_polls.items():
+            while len(polls) <= n:
+                self._take_window(r)
+            if not polls[n]:
+                return False
+        return True
 
     def _progress_line(self, now: float) -> str:
         _, accepted, spooled = self._status()

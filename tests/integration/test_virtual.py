@@ -247,18 +247,12 @@ def test_a_run_split_over_two_processes_delivers_exactly_what_one_process_does()
         assert r["lost"] == 0 and r["duplicates"] == 0 and r["unexpected"] == 0
         assert r["delivered"] == r["accepted"] > 2_000
         assert [f["kind"] for f in r["faults"]] == ["edge-crash", "edge-crash", "hub-crash"]
-    # record by record and packet fate by packet fate the same run: only the drain's
-    # last moments differ (a worker runs to the end of its window, and the hub answers
-    # what it sent there: a few packets more or less, after the last record was delivered)
-    for key in ("sent", "accepted", "delivered", "latency_ms", "faults", "per_device", "edge"):
+    # record by record and packet fate by packet fate the same run, ending at the same
+    # poll: only a worker's devices run on to the end of its last window (uplink packets)
+    keys = ("sent", "accepted", "delivered", "latency_ms", "faults", "per_device", "edge")
+    for key in (*keys, "hub", "simulated_s"):
         assert one[key] == two[key], key
-    down1, down2 = one["link"]["down"], two["link"]["down"]
-    assert down1.keys() == down2.keys()
-    for key in down1:
-        if key in ("packets", "passed", "bytes"):
-            assert abs(down1[key] - down2[key]) <= down1[key] // 100, key
-        else:
-            assert down1[key] == down2[key], key  # every loss, outage and rebinding fate
+    assert one["link"]["down"] == two["link"]["down"]
 
 
 def test_a_split_run_is_the_same_for_the_same_seed() -> None:
