@@ -44,7 +44,7 @@ from aioquic.quic.packet import (
     push_quic_transport_parameters,
 )
 from aioquic.quic.packet_builder import QuicPacketBuilder
-from aioquic.quic.recovery import MAX_ACK_RANGES, QuicPacketSpace
+from aioquic.quic.recovery import MAX_ACK_RANGES, QuicPacketRecovery, QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -146,6 +146,52 @@ def _count_for_ack(quic: QuicConnection, unacked: int, now: float) -> int:
     return unacked
 
 
+# Probe timeouts (RFC 9002 6.2) on thin streams.  A device sends a packet or two a second,
+# so after a loss nothing new arrives to trigger fast retransmit: only the PTO recovers it.
+# aioquic doubles the PTO at every expiry without limit; on a link that loses bursts of
+# packets (3G, 2G) a few lost probes in a row put the next one tens of seconds out, and the
+# edge, hearing nothing, gives the session up.  Like Linux's thin-stream linear timeouts
+# (tcp_thin_linear_timeouts), the first LINEAR_PTOS expiries keep the base period, then it
+# doubles, up to MAX_PTO_BACKOFF times the base.  A probe is one or two small packets and
+# congestion control is untouched (persistent congestion still collapses the window).
+# Measured in virtual time, BENCHMARKS.md "Probe timeouts on thin streams".
+LINEAR_PTOS = 3
+MAX_PTO_BACKOFF = 4
+
+
+def pto_backoff(probes: int) -> int:
+    """The PTO multiplier after ``probes`` consecutive probe timeouts."""
+    if probes <= LINEAR_PTOS:
+        return 1
+    return min(1 << (probes - LINEAR_PTOS), MAX_PTO_BACKOFF)
+
+
+_PTO_EXPONENT = [pto_backoff(n).bit_length() - 1 for n in range(LINEAR_PTOS + 8)]
+
+
+class _ThinStreamRecovery(QuicPacketRecovery):
+    """aioquic's recovery with the probe timeout backed off as ``pto_backoff`` says.
+
+    aioquic keeps its count of consecutive PTOs (and resets it on an ACK); only the
+    exponent its timer uses is swapped, for the length of the call.
+    """
+
+    def get_loss_detection_time(self, *, amplification_limited: bool) -> float | None:
+        probes = self._pto_count
+        self._pto_count = _PTO_EXPONENT[min(probes, len(_PTO_EXPONENT) - 1)]
+        try:
+            return super().get_loss_detection_time(amplification_limited=amplification_limited)
+        finally:
+            self._pto_count = probes
+
+
+def _thin_stream_recovery(quic: QuicConnection) -> None:
+    """Give ``quic`` the thin-stream probe timeout (aioquic's own if its recovery changed)."""
+    loss: Any = quic._loss
+    if type(loss) is QuicPacketRecovery and isinstance(vars(loss).get("_pto_count"), int):
+        loss.__class__ = _ThinStreamRecovery
+
+
 class _EdgeQuic(QuicConnection):
     """aioquic's client connection, advertising the longer max_ack_delay the edge uses."""
 
@@ -227,6 +273,7 @@ class EdgeEndpoint:
         self.session = session
         self.addr = addr
         quic = _EdgeQuic(configuration=cfg, session_ticket_handler=on_ticket)
+        _thin_stream_recovery(quic)
         quic.max_ack_delay_ms = max(25, round(ack_delay * 1000) + _ADVERTISED_SLACK_MS)
         self.quic: QuicConnection = quic
         self._ack_delay = ack_delay  # in force once the handshake is done
@@ -333,7 +380,8 @@ class EdgeEndpoint:
         due = "none" if timer is None else f"in {timer - now:.1f} s"
         return (
             f"quic srtt {self.rtt() * 1000:.0f} ms, rttvar {loss._rtt_variance * 1000:.0f} ms, "
-            f"pto backoff x{2**loss._pto_count}, {loss.bytes_in_flight} bytes in flight "
+            f"{loss._pto_count} probe timeouts (backoff x{pto_backoff(loss._pto_count)}), "
+            f"{loss.bytes_in_flight} bytes in flight "
             f"(cwnd {loss.congestion_window}), lost {self.packets_lost}/{self.packets_sent} "
             f"packets, timer {due}; sender {self.session.describe()}"
         )
@@ -1441,6 +1489,7 @@ class _HubQuic(QuicConnection):
 
     def __init__(self, *, handshake_bytes: int = 16384, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        _thin_stream_recovery(self)
         if not _lean_ok():
             return
         self._handshake_bytes = handshake_bytes
