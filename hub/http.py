@@ -139,6 +139,16 @@ class HubCollector:
             "Devices forgotten beyond presence.max_devices",
             hub.presence.forgotten,
         )
+        yield GaugeMetricFamily(
+            "squall_hub_ledgers",
+            "Device incarnations whose dedup marks the hub holds in memory",
+            value=hub.ledgers.held,
+        )
+        yield counter(
+            "squall_hub_ledgers_evicted",
+            "Dedup ledgers forgotten, least recently used first, past 4 incarnations per device",
+            hub.ledgers.evicted,
+        )
         yield from ticket_metrics(hub)
         yield self._commit_histogram()
         yield from log_metrics(hub)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from hub.log import DEFAULT_MAX_INCARNATIONS
 from transport.events import BatchAccepted
 from transport.quic import HubConnection, HubLimits
 from transport.session import DeviceLedger, HubSession, HubSessionConfig
@@ -21,6 +22,63 @@ if TYPE_CHECKING:
     from hub.config import DeviceLimits, ServerLimits
 
 Ledgers = dict[tuple[str, str], dict[int, DeviceLedger]]  # by (tenant, device), then incarnation
+
+
+class LedgerBook:
+    """The hub's dedup ledgers: per device, the ``per_device`` most recently used incarnations.
+
+    Every HELLO names an incarnation, and a new one gets a ledger: a device that keeps
+    starting new incarnations (a spool wiped again and again, or a device that lies) would
+    grow the hub's memory without end.  Past the bound its least recently used ledger is
+    forgotten (``evicted``); an incarnation that comes back is read again through ``load``
+    (the SQLite log's marks, which keep the most recently *committed* incarnations) or
+    starts empty -- what the log still holds, it still refuses to store twice, and a
+    ledger a session or a pending group still holds lives on in them.
+    """
+
+    def __init__(
+        self,
+        ledgers: Ledgers | None = None,
+        per_device: int = DEFAULT_MAX_INCARNATIONS,
+        load: Callable[[str, str, int], DeviceLedger | None] | None = None,
+    ) -> None:
+        if per_device < 1:
+            raise ValueError("per_device must be at least 1")
+        self.per_device = per_device
+        self._ledgers: Ledgers = {}
+        self._load = load
+        self.held = 0  # incarnations held, every device
+        self.evicted = 0
+        for (tenant, device), per in (ledgers or {}).items():
+            for ledger in per.values():
+                self._put(tenant, device, ledger)
+
+    def get(self, tenant: str, device: str, incarnation: int) -> DeviceLedger:
+        """The ledger of one device incarnation (now its most recently used)."""
+        per = self._ledgers.get((tenant, device))
+        ledger = None if per is None else per.pop(incarnation, None)
+        if ledger is not None:
+            assert per is not None
+            per[incarnation] = ledger
+            return ledger
+        loaded = self._load(tenant, device, incarnation) if self._load is not None else None
+        ledger = loaded if loaded is not None else DeviceLedger(incarnation)
+        self._put(tenant, device, ledger)
+        return ledger
+
+    def _put(self, tenant: str, device: str, ledger: DeviceLedger) -> None:
+        per = self._ledgers.setdefault((tenant, device), {})
+        while len(per) >= self.per_device:
+            del per[next(iter(per))]
+            self.held -= 1
+            self.evicted += 1
+        per[ledger.incarnation] = ledger
+        self.held += 1
+
+    def incarnations(self, tenant: str, device: str) -> list[int]:
+        """The incarnations held for a device, least recently used first."""
+        return list(self._ledgers.get((tenant, device), {}))
+
 
 K = TypeVar("K")
 
@@ -143,21 +201,18 @@ def endpoint_limits(server: ServerLimits, limits: DeviceLimits) -> HubLimits:
 def make_session(
     conn: HubConnection,
     now: float,
-    ledgers: Ledgers,
+    ledgers: LedgerBook,
     limits: DeviceLimits,
     trust_edge_acks: bool = False,
 ) -> HubSession:
     """The session core of a device that just proved who it is, on its own ledgers (one
-    per incarnation, created on first use)."""
+    per incarnation, from the book)."""
     ident = conn.identity
     assert ident is not None
-    per_device = ledgers.setdefault((ident.tenant, ident.device), {})
+    tenant, device = ident.tenant, ident.device
 
     def ledger_for(incarnation: int) -> DeviceLedger:
-        ledger = per_device.get(incarnation)
-        if ledger is None:
-            ledger = per_device[incarnation] = DeviceLedger(incarnation)
-        return ledger
+        return ledgers.get(tenant, device, incarnation)
 
     cfg = HubSessionConfig(
         window_records=limits.window_records,

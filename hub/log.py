@@ -605,6 +605,21 @@ class Log:
 
     # -- dedup state ------------------------------------------------------------
 
+    def load_ledger(self, tenant: str, device: str, incarnation: int) -> DeviceLedger | None:
+        """One device incarnation's ledger from its marks (None: the log has none)."""
+        rows = self._query(
+            "SELECT lane, committed_seq FROM marks "
+            "WHERE tenant = ? AND device = ? AND incarnation = ?",
+            (tenant, device, _i64(incarnation)),
+        )
+        if not rows or incarnation == LOCAL_INCARNATION:
+            return None
+        ledger = DeviceLedger(incarnation)
+        for lane, seq in rows:
+            committed = _u64(seq)
+            ledger.lanes[int(lane)] = LaneLedger(accepted=committed, committed=committed)
+        return ledger
+
     def load_ledgers(self) -> dict[DeviceKey, dict[int, DeviceLedger]]:
         """Ledgers of every remembered (device, incarnation): accepted = committed = stored mark.
 

@@ -36,6 +36,7 @@ from hub.ingest import (
     Accepted,
     GroupCommit,
     LatencyHistogram,
+    LedgerBook,
     endpoint_limits,
     make_session,
     retention_delay,
@@ -66,7 +67,7 @@ from transport.quic import (
     HubEndpoint,
     HubTls,
 )
-from transport.session import DeviceLedger, HubSession
+from transport.session import HubSession
 
 log = logging.getLogger("squall.hub")
 
@@ -95,7 +96,7 @@ class Hub:
         self.jslog: JetStreamLog | None = None
         self.jspresence: JetStreamPresence | None = None
         self._log: Log | None = None
-        self.ledgers: dict[tuple[str, str], dict[int, DeviceLedger]] = {}
+        self.ledgers = LedgerBook()
         if c.log.backend == "jetstream":
             # the stream is the truth: ledgers start empty and sessions take the edges'
             # acked marks (trust_edge_acks); the stream's range check refuses repeats
@@ -108,7 +109,7 @@ class Hub:
                 retention_max_bytes=c.log.retention_max_bytes,
                 retention_hard_max_bytes=c.log.retention_hard_max_bytes or None,
             )
-            self.ledgers = self._log.load_ledgers()
+            self.ledgers = LedgerBook(self._log.load_ledgers(), load=self._log.load_ledger)
         self.presence = Presence(
             c.presence.stale_after_s, c.presence.offline_after_s, c.presence.max_devices
         )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hub.config import DeviceLimits, LogSettings, PresenceSettings, ServerLimits
 from hub.consumer import LogCursor
-from hub.ingest import Accepted, GroupCommit, endpoint_limits, make_session
+from hub.ingest import Accepted, GroupCommit, LedgerBook, endpoint_limits, make_session
 from hub.log import Log, LogEntry, LogError, PendingBatch
 from hub.presence import Presence
 from simulator.vclock import wall_s
@@ -44,7 +44,7 @@ from transport.quic import (
     HubEndpoint,
     HubTls,
 )
-from transport.session import DeviceLedger, HubSession
+from transport.session import HubSession
 
 CONSUMER_NAME = "virtual-check"  # the durable consumer that checks delivery
 PRESENCE_TICK_S = 1.0  # as the asyncio hub: presence is re-evaluated once a second
@@ -74,7 +74,7 @@ class VirtualHub:
         c = settings
         self.settings = settings
         self.log = Log(log_path, synchronous=c.log.synchronous)
-        self.ledgers: dict[tuple[str, str], dict[int, DeviceLedger]] = self.log.load_ledgers()
+        self.ledgers = LedgerBook(self.log.load_ledgers(), load=self.log.load_ledger)
         self.presence = Presence(
             c.presence.stale_after_s, c.presence.offline_after_s, c.presence.max_devices
         )

@@ -21,6 +21,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -672,3 +673,49 @@ def test_a_malformed_heartbeat_closes_only_its_sender_and_the_device_api_carries
     assert rows["badbeat"]["spool_depth"] == {}  # its heartbeat was never taken
     assert outcome["good"] == (1, 0)
     assert outcome["errors"] == {"BAD_FIELD": 1}
+
+
+def _welcomed(edge: Edge) -> bool:
+    return any(isinstance(e, Welcomed) for e in edge.events)
+
+
+def test_a_device_cycling_incarnations_holds_only_its_newest_ledgers(
+    tmp_path: Path, pki: Path
+) -> None:
+    """Every HELLO names an incarnation and a new one gets a dedup ledger: a device naming
+    one after another must not grow the hub's memory (4 per device, the rest evicted)."""
+    cfg = load_hub_config(write_hub_config(tmp_path, pki))
+    outcome: dict[str, Any] = {}
+
+    async def main() -> None:
+        hub = Hub(cfg)
+        await hub.start()
+        runner, port = await start_http(hub)
+        good = await start_good_device(tmp_path, pki, cfg.listen)
+        files = edge_tls(pki, "acme", "flapper")
+        for incarnation in range(1, 13):
+            edge = await connect_edge(("127.0.0.1", hub.port), files, incarnation=incarnation)
+            await until(partial(_welcomed, edge), 10, "welcomed")
+            edge.endpoint.close(ErrorCode.GOING_AWAY, "next incarnation")
+            edge.driver.flush()
+            edge.driver.close()
+        outcome["held"] = hub.ledgers.incarnations("acme", "flapper")
+        outcome["total"] = (hub.ledgers.held, hub.ledgers.evicted)
+        url = f"http://127.0.0.1:{port}/metrics"
+        auth = {"Authorization": "Bearer s3cret"}
+        async with aiohttp.ClientSession() as http, http.get(url, headers=auth) as r:
+            outcome["metrics"] = await r.text()
+        await good.acked_up_to_now()  # served on
+        await good.finish()
+        outcome["good"] = (good.agent.stats.sessions, good.agent.stats.reconnects)
+        await good.agent.stop()
+        await hub.stop()
+        await runner.cleanup()
+
+    run(main)
+    assert outcome["held"] == [9, 10, 11, 12]
+    assert outcome["total"] == (5, 8)  # the flapper's 4 and the good device's one
+    metrics = outcome["metrics"]
+    assert "squall_hub_ledgers 5.0" in metrics
+    assert "squall_hub_ledgers_evicted_total 8.0" in metrics
+    assert outcome["good"] == (1, 0)
