@@ -110,6 +110,11 @@ class HubCollector:
             ep["handshake_timeouts"],
         )
         yield counter(
+            "squall_hub_handshake_errors",
+            "Handshakes ended by a QUIC protocol error (e.g. a late Initial with no CRYPTO frame)",
+            ep["handshake_errors"],
+        )
+        yield counter(
             "squall_hub_tls_backlog_exceeded",
             "Connections closed for buffering too much TLS before auth",
             ep["tls_backlog_exceeded"],

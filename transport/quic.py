@@ -192,6 +192,28 @@ def _thin_stream_recovery(quic: QuicConnection) -> None:
         loss.__class__ = _ThinStreamRecovery
 
 
+_PEER_ERROR = re.compile(r"^\[[0-9a-f]*\] Error: \d+, reason: ")
+
+
+class _PeerErrorFilter(logging.Filter):
+    """aioquic logs a peer's QUIC protocol violation at WARNING, as "[cid] Error: 10, reason:
+    Packet contains no CRYPTO frame" -- e.g. a device's late Initial for a handshake the hub
+    already dropped.  The connection is closed with that error and counted (the hub's
+    ``handshake_errors``, ``errors_total{code="QUIC_0x.."}``; the edge's ConnectionLost):
+    one peer's bad datagram is not an operator's warning.  Demoted to DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING or not _PEER_ERROR.match(str(record.msg)):
+            return True
+        if not _aioquic_connection.logger.isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+_aioquic_connection.logger.addFilter(_PeerErrorFilter())
+
+
 class _EdgeQuic(QuicConnection):
     """aioquic's client connection, advertising the longer max_ack_delay the edge uses."""
 
@@ -587,6 +609,7 @@ class HubEndpoint:
                 "resumed",
                 "early_data",
                 "handshake_timeouts",
+                "handshake_errors",
                 "tls_backlog_exceeded",
             ),
             0,
@@ -840,6 +863,8 @@ class HubEndpoint:
                 self._events.append(DeviceEvent(conn, sev))
         if not conn.handshake_done and ev.error_code >= QuicErrorCode.CRYPTO_ERROR:
             self.counters["auth_failed"] += 1
+        elif not conn.handshake_done and ev.error_code:
+            self.counters["handshake_errors"] += 1  # a QUIC protocol error mid-handshake
         reason = ev.reason_phrase or ""
         self._events.append(DeviceDisconnected(conn, ev.error_code, reason, error))
 
