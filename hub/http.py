@@ -200,6 +200,16 @@ def log_metrics(hub: Hub) -> Iterator[Metric]:
         value=st.retention_records_removed,
     )
     yield CounterMetricFamily(
+        "squall_hub_log_corrupt_batches",
+        "Stored batches that failed to decode on read, skipped by every reader (damaged storage)",
+        value=st.corrupt_batches,
+    )
+    yield CounterMetricFamily(
+        "squall_hub_log_corrupt_records",
+        "Records in those batches",
+        value=st.corrupt_records,
+    )
+    yield CounterMetricFamily(
         "squall_hub_log_dropped_unconsumed_records",
         "Records removed past retention_hard_max_bytes before every durable consumer read them",
         value=st.dropped_unconsumed,

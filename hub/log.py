@@ -27,6 +27,7 @@ Thread safety: one connection guarded by one lock; any thread may call, one at a
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -43,9 +44,12 @@ from transport.events import BatchAccepted
 from transport.session import DeviceLedger, LaneLedger
 from transport.wire import Lane
 
+_log = logging.getLogger("squall.hub.log")
+
 SCHEMA_VERSION = 1
 LOCAL_INCARNATION = 0  # reserved for hub-published records (presence)
 LOCAL_LANE = int(Lane.TELEMETRY)
+MAX_CORRUPT_REPORTED = 1024  # undecodable rows reported and counted one by one per Log
 DEFAULT_MAX_INCARNATIONS = 4  # per device; the least recently committed beyond it are forgotten
 RETENTION_MAX_ROWS = 10_000  # batches one apply_retention call removes at most (bounded pause)
 JOURNAL_SIZE_LIMIT = 64 << 20  # the WAL file is truncated back to this after a checkpoint
@@ -205,6 +209,8 @@ class LogStats:
     retention_blocked: int  # retention calls that stopped at protect_from with work left
     dropped_unconsumed: int  # records at/after protect_from deleted by the hard size limit
     repaired_on_open: int  # 1 when next_offset in meta was behind the stored batches
+    corrupt_batches: int  # stored batches that failed to decode on read: skipped by readers
+    corrupt_records: int  # the records they held
 
 
 @dataclass(slots=True)
@@ -231,6 +237,8 @@ class _Counters:
     retention_blocked: int = 0
     dropped_unconsumed: int = 0
     repaired_on_open: int = 0
+    corrupt_batches: int = 0
+    corrupt_records: int = 0
 
 
 @dataclass(slots=True)
@@ -291,6 +299,8 @@ class Log:
         # entries go with the rows (the per-device bound), so it is never larger than the
         # table -- about what the hub's ledgers hold in memory anyway.
         self._marks: dict[tuple[str, str, int], dict[int, int]] = {}
+        self._corrupt_seen: set[int] = set()  # base offsets of undecodable rows reported
+        self._corrupt_overflow = False
         self._data_version: int | None = None
         self._db: sqlite3.Connection | None = None
         try:
@@ -651,6 +661,20 @@ class Log:
         """
         if max_records < 1:
             return []
+        out: list[LogEntry] = []
+        start = from_offset
+        while len(out) < max_records:
+            rows = self._fetch(start, max_records - len(out))
+            clean = True
+            for row in rows:
+                clean = self._decode_row(row, start, max_records, out) and clean
+            if clean or not rows:
+                break
+            start = rows[-1][0] + rows[-1][1]  # a row was corrupt: read on past it
+        return out
+
+    def _fetch(self, from_offset: int, max_records: int) -> list[tuple[Any, ...]]:
+        """The rows holding ``max_records`` records from ``from_offset`` on."""
         rows: list[tuple[Any, ...]] = []
         with self._lock:  # only the fetch holds the lock; decoding (~10 us a record) does not
             cur = self._conn().cursor()
@@ -668,20 +692,19 @@ class Log:
                 raise LogError(f"log {self.path}: {exc}") from exc
             finally:
                 cur.close()
-        out: list[LogEntry] = []
-        for row in rows:
-            self._decode_row(row, from_offset, max_records, out)
-        return out
+        return rows
 
     def _decode_row(
         self, row: tuple[Any, ...], from_offset: int, limit: int, out: list[LogEntry]
-    ) -> None:
+    ) -> bool:
+        """Append the row's wanted entries to ``out``; False when the row is corrupt."""
         base, count, tenant, device, inc, lane, first_seq, received_us, codec, payload = row
+        incarnation = _u64(inc)
         try:
             records = decode_batch(codec, payload, _u64(first_seq), count)
         except ProtocolError as exc:
-            raise LogError(f"log {self.path}: batch at offset {base} is corrupt: {exc}") from exc
-        incarnation = _u64(inc)
+            self._corrupt(base, count, f"{tenant}.{device}", incarnation, lane, exc)
+            return False
         skip = max(0, from_offset - base)
         wanted = records[skip : skip + limit - len(out)]
         out.extend(
@@ -700,6 +723,7 @@ class Log:
             )
             for i, r in enumerate(wanted)
         )
+        return True
 
     def first_offset(self) -> int:
         """Offset of the oldest stored record (``next_offset`` when the log is empty)."""
@@ -732,7 +756,37 @@ class Log:
             retention_blocked=c.retention_blocked,
             dropped_unconsumed=c.dropped_unconsumed,
             repaired_on_open=c.repaired_on_open,
+            corrupt_batches=c.corrupt_batches,
+            corrupt_records=c.corrupt_records,
         )
+
+    def _corrupt(
+        self, base: int, count: int, device: str, incarnation: int, lane: int, exc: Exception
+    ) -> None:
+        """A stored batch that no longer decodes (ingest validated it: the storage changed).
+
+        Readers skip it, as they skip what retention removed: one bad row must not stop
+        every consumer behind it.  The row stays for inspection (``verify`` lists it); it
+        is reported once per Log (up to MAX_CORRUPT_REPORTED rows), and counted then.
+        """
+        if base in self._corrupt_seen:
+            return
+        if len(self._corrupt_seen) >= MAX_CORRUPT_REPORTED:
+            if not self._corrupt_overflow:
+                self._corrupt_overflow = True
+                _log.error(
+                    "log %s: over %d corrupt batches; more are skipped without a report each "
+                    "(the file is damaged: Log.verify lists them)", self.path, MAX_CORRUPT_REPORTED,
+                )  # fmt: skip
+            return
+        self._corrupt_seen.add(base)
+        self._counters.corrupt_batches += 1
+        self._counters.corrupt_records += count
+        _log.error(
+            "log %s: the batch at offsets %d..%d (%s, incarnation %d, lane %d, %d records) is "
+            "corrupt and is skipped by every reader: %s",
+            self.path, base, base + count - 1, device, incarnation, lane, count, exc,
+        )  # fmt: skip
 
     # -- retention ------------------------------------------------------------------
 
@@ -875,6 +929,13 @@ class Log:
                 end = db.execute(
                     "SELECT coalesce(max(base_offset + count), 1) FROM batches"
                 ).fetchone()[0]
+                corrupt = [
+                    base
+                    for base, count, codec, payload, first_seq in db.execute(
+                        "SELECT base_offset, count, codec, payload, first_seq FROM batches"
+                    )
+                    if not _decodes(codec, payload, _u64(first_seq), count)
+                ]
             except sqlite3.Error as exc:
                 raise LogError(f"log {self.path}: {exc}") from exc
         if actual != self._totals:
@@ -883,6 +944,9 @@ class Log:
             problems.append(f"{gaps} gaps between consecutive batches")
         if end > self._totals.next_offset:
             problems.append(f"batches reach offset {end} beyond next_offset")
+        if corrupt:
+            shown = ", ".join(str(b) for b in corrupt[:10])
+            problems.append(f"{len(corrupt)} batches do not decode (at offsets {shown})")
         return problems
 
 
@@ -896,3 +960,11 @@ __all__ = [
     "LogStats",
     "PendingBatch",
 ]
+
+
+def _decodes(codec: int, payload: bytes, first_seq: int, count: int) -> bool:
+    try:
+        decode_batch(codec, payload, first_seq, count)
+    except ProtocolError:
+        return False
+    return True

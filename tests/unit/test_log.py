@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from hub.consumer import LogCursor
 from hub.log import LOCAL_INCARNATION, Log, LogEntry, LogError, PendingBatch
 from hub.subjects import SubjectError
 from transport.batchcodec import CODEC_ZSTD, Record, encode_batch
@@ -476,3 +477,46 @@ def test_the_log_makes_its_folder(tmp_path: Path) -> None:
         assert (tmp_path / "run" / "deeper" / "hub.db").exists()
     finally:
         log.close()
+
+
+def test_a_corrupt_batch_is_skipped_by_readers_counted_once_and_listed_by_verify(
+    log: Log, path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ingest validated every batch; a row that no longer decodes is the storage's doing.
+    One such row must not stop every consumer behind it: readers skip it as they skip what
+    retention removed, it is reported once, and verify lists it."""
+    log.append_group([batch("t1", 1, 3), batch("t2", 1, 4), batch("t3", 1, 2)], 1.0)
+    with sqlite3.connect(path) as db:  # the storage flips bytes in the middle batch
+        db.execute("UPDATE batches SET payload = ? WHERE base_offset = 4", (b"\xc1" * 40,))
+    caplog.set_level("ERROR", logger="squall.hub.log")
+    for _ in range(3):  # consumers re-read; each sees the same, it is reported once
+        entries = read_all(log)
+        assert [(e.device, e.seq) for e in entries] == [
+            ("t1", 1), ("t1", 2), ("t1", 3), ("t3", 1), ("t3", 2)
+        ]  # fmt: skip
+        assert [e.offset for e in entries] == [1, 2, 3, 8, 9]
+    assert [e.offset for e in log.read(4, 2)] == [8, 9]  # a read starting inside it
+    stats = log.stats()
+    assert (stats.corrupt_batches, stats.corrupt_records) == (1, 4)
+    (report,) = [r.getMessage() for r in caplog.records]
+    assert "offsets 4..7 (acme.t2, incarnation 7, lane 1, 4 records) is corrupt" in report
+    (problem,) = log.verify()
+    assert problem == "1 batches do not decode (at offsets 4)"
+
+
+def test_a_durable_cursor_reads_past_a_corrupt_batch_in_small_steps(log: Log, path: Path) -> None:
+    log.append_group([batch("t1", 1, 3), batch("t2", 1, 4), batch("t3", 1, 2)], 1.0)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE batches SET payload = ? WHERE base_offset = 4", (b"\xc1" * 40,))
+    cursor = LogCursor(log, "archive")
+    seen: list[int] = []
+    after = 0
+    for _ in range(10):
+        entries, last = cursor.read(after, 2)  # steps smaller than the corrupt batch
+        seen += [e.offset for e in entries]
+        if last == after:
+            break
+        cursor.commit(last)
+        after = last
+    assert seen == [1, 2, 3, 8, 9]
+    assert cursor.committed == 9
