@@ -146,27 +146,32 @@ def _count_for_ack(quic: QuicConnection, unacked: int, now: float) -> int:
     return unacked
 
 
-# Probe timeouts (RFC 9002 6.2) on thin streams.  A device sends a packet or two a second,
-# so after a loss nothing new arrives to trigger fast retransmit: only the PTO recovers it.
-# aioquic doubles the PTO at every expiry without limit; on a link that loses bursts of
-# packets (3G, 2G) a few lost probes in a row put the next one tens of seconds out, and the
-# edge, hearing nothing, gives the session up.  Like Linux's thin-stream linear timeouts
-# (tcp_thin_linear_timeouts), the first LINEAR_PTOS expiries keep the base period, then it
-# doubles, up to MAX_PTO_BACKOFF times the base.  A probe is one or two small packets and
+# Probe timeouts (RFC 9002 6.2) on the edge's thin stream.  A device sends a packet or two a
+# second, so after a loss nothing new arrives to trigger fast retransmit: only the PTO
+# recovers it.  aioquic doubles the PTO at every expiry without limit; on a link that loses
+# bursts of packets (3G, 2G) a few lost probes in a row put the next one tens of seconds
+# out, and the edge, hearing nothing, gives the session up.  Like Linux's thin-stream linear
+# timeouts (tcp_thin_linear_timeouts), the edge's first LINEAR_PTOS expiries keep the base
+# period; then it doubles until it is MAX_PTO_BACKOFF times the base *and* at least
+# MIN_CAPPED_PTO_S (on a LAN, a PTO of tens of ms, a stalled hub is not probed several
+# times a second by every device).  The hub keeps aioquic's doubling: the same rule there
+# halved the tail on lossy links again, but a hub past saturation, whose own socket buffer
+# delays the edges' ACKs, then probed every device early and fleet trials collapsed
+# (BENCHMARKS.md "Probe timeouts on thin streams").  A probe is one or two small packets;
 # congestion control is untouched (persistent congestion still collapses the window).
-# Measured in virtual time, BENCHMARKS.md "Probe timeouts on thin streams".
 LINEAR_PTOS = 3
 MAX_PTO_BACKOFF = 4
+MIN_CAPPED_PTO_S = 2.0
 
 
-def pto_backoff(probes: int) -> int:
-    """The PTO multiplier after ``probes`` consecutive probe timeouts."""
+def pto_backoff(probes: int, base_s: float) -> int:
+    """The PTO multiplier after ``probes`` consecutive probe timeouts of base period ``base_s``."""
     if probes <= LINEAR_PTOS:
         return 1
-    return min(1 << (probes - LINEAR_PTOS), MAX_PTO_BACKOFF)
-
-
-_PTO_EXPONENT = [pto_backoff(n).bit_length() - 1 for n in range(LINEAR_PTOS + 8)]
+    cap = MAX_PTO_BACKOFF
+    while cap * base_s < MIN_CAPPED_PTO_S and cap < 1 << 20:
+        cap *= 2
+    return min(1 << min(probes - LINEAR_PTOS, 20), cap)
 
 
 class _ThinStreamRecovery(QuicPacketRecovery):
@@ -178,7 +183,11 @@ class _ThinStreamRecovery(QuicPacketRecovery):
 
     def get_loss_detection_time(self, *, amplification_limited: bool) -> float | None:
         probes = self._pto_count
-        self._pto_count = _PTO_EXPONENT[min(probes, len(_PTO_EXPONENT) - 1)]
+        if probes > LINEAR_PTOS:
+            base = self.get_probe_timeout(include_max_ack_delay=self.handshake_confirmed)
+            self._pto_count = pto_backoff(probes, base).bit_length() - 1
+        else:
+            self._pto_count = 0
         try:
             return super().get_loss_detection_time(amplification_limited=amplification_limited)
         finally:
@@ -402,7 +411,8 @@ class EdgeEndpoint:
         due = "none" if timer is None else f"in {timer - now:.1f} s"
         return (
             f"quic srtt {self.rtt() * 1000:.0f} ms, rttvar {loss._rtt_variance * 1000:.0f} ms, "
-            f"{loss._pto_count} probe timeouts (backoff x{pto_backoff(loss._pto_count)}), "
+            f"{loss._pto_count} probe timeouts "
+            f"(backoff x{pto_backoff(loss._pto_count, loss.get_probe_timeout())}), "
             f"{loss.bytes_in_flight} bytes in flight "
             f"(cwnd {loss.congestion_window}), lost {self.packets_lost}/{self.packets_sent} "
             f"packets, timer {due}; sender {self.session.describe()}"
@@ -1514,7 +1524,6 @@ class _HubQuic(QuicConnection):
 
     def __init__(self, *, handshake_bytes: int = 16384, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        _thin_stream_recovery(self)
         if not _lean_ok():
             return
         self._handshake_bytes = handshake_bytes

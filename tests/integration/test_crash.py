@@ -191,7 +191,10 @@ def test_hub_sigkill_during_ingest_from_20_devices(tmp_path: Path, pki: Path) ->
     ]
     lines = [r for _, r in tenant_lines]
     files = {path.name for path in (tmp_path / "archive").glob("*.jsonl")}
-    assert {"acme.1.jsonl", "globex.jsonl"} <= files, f"no rotation or no second tenant: {files}"
+    # a tenant's current file is opened with its next record: right after a rotation only
+    # the numbered ones may exist
+    assert "acme.1.jsonl" in files, f"no rotation: {files}"
+    assert any(f.startswith("globex.") for f in files), f"no second tenant: {files}"
     assert all(r["subject"].split(".")[0] == p.split(".")[0] for p, r in tenant_lines), "mixed"
     archived = collections.Counter(
         (r["device"], r["seq"]) for r in lines if not r["subject"].endswith(".presence")
