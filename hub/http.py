@@ -151,8 +151,14 @@ class HubCollector:
         )
         yield counter(
             "squall_hub_ledgers_evicted",
-            "Dedup ledgers forgotten, least recently used first, past 4 incarnations per device",
+            f"Dedup ledgers forgotten, least recently used first, past "
+            f"{hub.ledgers.per_device} incarnations per device",
             hub.ledgers.evicted,
+        )
+        yield counter(
+            "squall_hub_ledger_load_failures",
+            "Dedup ledgers the log could not be read for (started empty; the log still dedups)",
+            hub.ledgers.load_failures,
         )
         yield from ticket_metrics(hub)
         yield self._commit_histogram()

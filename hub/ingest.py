@@ -9,11 +9,12 @@ what they accepted and close; the edges resend).  Bounded: a group closes at
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from hub.log import DEFAULT_MAX_INCARNATIONS
+from hub.log import DEFAULT_MAX_INCARNATIONS, LogError
 from transport.events import BatchAccepted
 from transport.quic import HubConnection, HubLimits
 from transport.session import DeviceLedger, HubSession, HubSessionConfig
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from hub.config import DeviceLimits, ServerLimits
 
 Ledgers = dict[tuple[str, str], dict[int, DeviceLedger]]  # by (tenant, device), then incarnation
+
+log = logging.getLogger("squall.hub.ingest")
 
 
 class LedgerBook:
@@ -33,7 +36,9 @@ class LedgerBook:
     forgotten (``evicted``); an incarnation that comes back is read again through ``load``
     (the SQLite log's marks, which keep the most recently *committed* incarnations) or
     starts empty -- what the log still holds, it still refuses to store twice, and a
-    ledger a session or a pending group still holds lives on in them.
+    ledger a session or a pending group still holds lives on in them.  A load that fails
+    (LogError) is counted in ``load_failures`` and the ledger starts empty: the log's own
+    marks still keep what it stored from being stored again.
     """
 
     def __init__(
@@ -49,6 +54,7 @@ class LedgerBook:
         self._load = load
         self.held = 0  # incarnations held, every device
         self.evicted = 0
+        self.load_failures = 0
         for (tenant, device), per in (ledgers or {}).items():
             for ledger in per.values():
                 self._put(tenant, device, ledger)
@@ -61,7 +67,15 @@ class LedgerBook:
             assert per is not None
             per[incarnation] = ledger
             return ledger
-        loaded = self._load(tenant, device, incarnation) if self._load is not None else None
+        loaded = None
+        if self._load is not None:
+            try:
+                loaded = self._load(tenant, device, incarnation)
+            except LogError as exc:
+                self.load_failures += 1
+                log.warning(
+                    "%s.%s incarnation %d: ledger not loaded: %s", tenant, device, incarnation, exc
+                )
         ledger = loaded if loaded is not None else DeviceLedger(incarnation)
         self._put(tenant, device, ledger)
         return ledger
@@ -151,12 +165,12 @@ class GroupCommit(Generic[K]):
 
     @staticmethod
     def committed(
-        items: list[Accepted[K]], current: Callable[[str, str], K | None] | None = None
+        items: list[Accepted[K]], live: Mapping[tuple[str, str], K] | None = None
     ) -> list[K]:
         """The group is durable: advance the ledgers; returns the sessions to acknowledge.
 
-        Those are the sessions that accepted the items and, with ``current`` (the shell's
-        live session of a device, or None), each device's session now: a device that
+        Those are the sessions that accepted the items and, with ``live`` (the shell's live
+        session of each (tenant, device)), each device's session now: a device that
         reconnected while its batches were in this group resent them on its new session,
         where they were duplicates of records not yet durable -- it waits for this ACK
         there (without it, until its retransmission timer).
@@ -166,7 +180,7 @@ class GroupCommit(Generic[K]):
             lane = it.ledger.lanes[it.batch.lane]
             lane.committed = max(lane.committed, it.batch.last_seq)
             keys.append(it.key)
-            if current is not None and (now := current(it.tenant, it.device)) is not None:
+            if live is not None and (now := live.get((it.tenant, it.device))) is not None:
                 keys.append(now)
         return list(dict.fromkeys(keys))  # each once, in item order
 

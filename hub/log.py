@@ -617,17 +617,18 @@ class Log:
 
     def load_ledger(self, tenant: str, device: str, incarnation: int) -> DeviceLedger | None:
         """One device incarnation's ledger from its marks (None: the log has none)."""
-        rows = self._query(
-            "SELECT lane, committed_seq FROM marks "
-            "WHERE tenant = ? AND device = ? AND incarnation = ?",
-            (tenant, device, _i64(incarnation)),
-        )
-        if not rows or incarnation == LOCAL_INCARNATION:
+        if incarnation == LOCAL_INCARNATION:
+            return None
+        with self._lock:
+            try:
+                marks = self._marks_of(self._conn(), (tenant, device, incarnation))
+            except sqlite3.Error as exc:
+                raise LogError(f"log {self.path}: {exc}") from exc
+        if not marks:
             return None
         ledger = DeviceLedger(incarnation)
-        for lane, seq in rows:
-            committed = _u64(seq)
-            ledger.lanes[int(lane)] = LaneLedger(accepted=committed, committed=committed)
+        for lane, committed in marks.items():
+            ledger.lanes[lane] = LaneLedger(accepted=committed, committed=committed)
         return ledger
 
     def load_ledgers(self) -> dict[DeviceKey, dict[int, DeviceLedger]]:
@@ -950,6 +951,14 @@ class Log:
         return problems
 
 
+def _decodes(codec: int, payload: bytes, first_seq: int, count: int) -> bool:
+    try:
+        decode_batch(codec, payload, first_seq, count)
+    except ProtocolError:
+        return False
+    return True
+
+
 __all__ = [
     "DEFAULT_MAX_INCARNATIONS",
     "LOCAL_INCARNATION",
@@ -960,11 +969,3 @@ __all__ = [
     "LogStats",
     "PendingBatch",
 ]
-
-
-def _decodes(codec: int, payload: bytes, first_seq: int, count: int) -> bool:
-    try:
-        decode_batch(codec, payload, first_seq, count)
-    except ProtocolError:
-        return False
-    return True

@@ -364,15 +364,12 @@ class Hub:
         self.counters["commits"] += 1
         self.counters["records_committed"] += stored
         now = self._now()
-        for conn in GroupCommit.committed(items, self._live_of):
+        for conn in GroupCommit.committed(items, self.live):
             if conn.session is not None:
                 conn.session.on_committed(now)
                 self.endpoint.touch(conn, now)
         self._flush()
         self._after_log_grew()
-
-    def _live_of(self, tenant: str, device: str) -> HubConnection | None:
-        return self.live.get((tenant, device))
 
     def _after_log_grew(self) -> None:
         """Hand what the log just committed to its readers (none with jetstream)."""

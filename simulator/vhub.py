@@ -150,9 +150,6 @@ class VirtualHub:
         if ident is not None and conn.handshake_done:
             self.presence.disconnected(ident.tenant, ident.device, wall)
 
-    def _live_of(self, tenant: str, device: str) -> HubConnection | None:
-        return self._live.get((tenant, device))
-
     def _on_session_event(
         self, conn: HubConnection, ev: SessionEvent, now: float, wall: float
     ) -> None:
@@ -194,7 +191,7 @@ class VirtualHub:
             return
         self.counters["commits"] += 1
         self.counters["records_committed"] += sum(p.count for p in pending)
-        for conn in GroupCommit.committed(items, self._live_of):  # in item order
+        for conn in GroupCommit.committed(items, self._live):  # in item order
             if conn.session is not None:
                 conn.session.on_committed(now)
                 self.endpoint.touch(conn, now)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hub.ingest import LedgerBook
-from hub.log import Log, PendingBatch
+from hub.log import Log, LogError, PendingBatch
 from transport.batchcodec import CODEC_NONE, Record
 from transport.session import DeviceLedger
 from transport.wire import Lane
@@ -81,3 +81,13 @@ def test_an_evicted_incarnation_comes_back_with_the_logs_marks(tmp_path: Path) -
     stats = log.stats()
     assert (stats.records, stats.duplicates_skipped) == (5, 5)
     log.close()
+
+
+def test_a_load_that_fails_is_counted_and_the_ledger_starts_empty() -> None:
+    def broken(tenant: str, device: str, incarnation: int) -> DeviceLedger | None:
+        raise LogError("log hub.db: disk I/O error")
+
+    book = LedgerBook(load=broken)
+    ledger = book.get("acme", "truck", 3)
+    assert ledger.incarnation == 3 and ledger.lanes[LANE].committed == 0
+    assert book.load_failures == 1 and book.held == 1

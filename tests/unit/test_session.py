@@ -520,7 +520,7 @@ def test_a_device_that_reconnected_mid_commit_hears_the_ack_on_its_new_session(
     """Session 1 hands a batch to the group commit and dies; session 2 resends it (a
     duplicate of records not yet durable: nothing durable to ACK yet).  When the group
     commits, the device's current session is acknowledged too (GroupCommit.committed with
-    the shell's live-session lookup); without that, the edge waits for its RTO."""
+    the shell's live sessions); without that, the edge waits for its RTO."""
     from hub.ingest import Accepted, GroupCommit
 
     outbox = MemoryOutbox()
@@ -542,9 +542,8 @@ def test_a_device_that_reconnected_mid_commit_hears_the_ack_on_its_new_session(
     connect("s1", 0.0)  # 1..3 accepted by session 1, its commit pending
     edge2 = connect("s2", 1.0)  # session 1 is gone; session 2 resent 1..3: duplicates
     assert len(group) == 1 and hubs["s2"].duplicates == 3
-    live = {("acme", "t1"): "s2"}
-    lookup = (lambda t, d: live.get((t, d))) if ack_live_session else None
-    keys = GroupCommit.committed(group.take(), lookup)
+    live = {("acme", "t1"): "s2"} if ack_live_session else None
+    keys = GroupCommit.committed(group.take(), live)
     assert keys == (["s1", "s2"] if ack_live_session else ["s1"])
     for key in keys:
         hubs[key].on_committed(2.0)
