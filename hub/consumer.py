@@ -66,6 +66,7 @@ class CursorStats:
     read: int = 0
     matched: int = 0
     skipped_by_retention: int = 0  # entries retention removed before this consumer read them
+    skipped_corrupt: int = 0  # entries of stored batches that no longer decode (Log.read skips)
 
 
 @dataclass(slots=True)
@@ -88,9 +89,16 @@ class LogCursor:
         entries = self.log.read(start, max_records)
         if not entries:
             return [], after
-        # a JetStream log view's offsets are not contiguous: a gap there is not retention
-        if entries[0].offset > after + 1 and getattr(self.log, "contiguous", True):
-            self.stats.skipped_by_retention += entries[0].offset - after - 1
+        # A JetStream log view's offsets are not contiguous: a gap there is neither.  In the
+        # SQLite log, retention removes from the front, so only what lies before its first
+        # offset is retention's; a gap from there on is a batch the log skipped as corrupt.
+        if getattr(self.log, "contiguous", True):
+            self.stats.skipped_by_retention += start - after - 1
+            gaps, prev = 0, start - 1
+            for e in entries:
+                gaps += e.offset - prev - 1
+                prev = e.offset
+            self.stats.skipped_corrupt += gaps
         self.stats.read += len(entries)
         matched = [e for e in entries if self.selection.matches(e)]
         self.stats.matched += len(matched)

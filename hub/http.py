@@ -315,7 +315,11 @@ def kernel_metrics(hub: Hub) -> Iterator[Metric]:
         "squall_kernel_dropped",
         "Entries a queue lost, by reason",
         "reason",
-        {"drop-oldest": k.dropped_overflow, "retention": k.skipped_retention},
+        {
+            "drop-oldest": k.dropped_overflow,
+            "retention": k.skipped_retention,
+            "corrupt": k.skipped_corrupt,
+        },
     )
     per_queue = CounterMetricFamily(
         "squall_kernel_queue_dropped",

@@ -32,7 +32,8 @@ Reading (``JetStreamConsumer``): a durable pull consumer with explicit acks yiel
 that ``hub.archive.JsonArchive`` and ``hub.consumer.LogCursor`` make on ``hub.log.Log``,
 so those consumers run unchanged against the shared log.  Record offsets are
 ``stream_seq * OFFSET_STRIDE + index in the batch``: strictly increasing and never
-reused, but not contiguous (retention-skip counts that assume contiguity overcount).
+reused, but not contiguous: the view says so (``contiguous``), and readers then count
+no gap in them as retention's or a corrupt batch's.
 """
 
 from __future__ import annotations

@@ -162,6 +162,7 @@ class KernelCounters:
     delivered: int = 0  # entries handed to subscribers
     dropped_overflow: int = 0  # drop-oldest: entries pushed out of a full queue
     skipped_retention: int = 0  # entries retention removed before a catching-up queue read them
+    skipped_corrupt: int = 0  # entries of stored batches that no longer decode (the log skips them)
     blocked: int = 0  # times a block queue fell behind (stopped taking live entries)
     catchup_reads: int = 0
     catchup_records: int = 0
@@ -518,8 +519,19 @@ class Kernel:
             out.append(ReadRequest(key, queue.cursor, min(room, batch)))
         return out
 
-    def feed_catchup(self, request: ReadRequest, entries: Sequence[LogEntry], end: int) -> None:
-        """The log's answer to ``request``; ``end`` is the log's next_offset before the read."""
+    def feed_catchup(
+        self,
+        request: ReadRequest,
+        entries: Sequence[LogEntry],
+        end: int,
+        first: int | None,
+    ) -> None:
+        """The log's answer to ``request``; ``end`` is the log's next_offset before the read.
+
+        ``first`` is the log's first offset before the read: a gap in the offsets up to it
+        is retention's, one past it a batch the log skipped as corrupt.  None for a log
+        whose offsets are not contiguous (a JetStream view): its gaps are counted as neither.
+        """
         queue = self._queues.get(request.key)
         if queue is None or not queue.reading:
             return
@@ -531,9 +543,14 @@ class Kernel:
         taken = [e for e in entries if queue.cursor <= e.offset < head]
         if taken:
             skipped = taken[0].offset - queue.cursor
-            if skipped > 0:
-                queue.stats.skipped += skipped
-                self.counters.skipped_retention += skipped
+            if first is None:
+                retained = corrupt = 0
+            else:
+                retained = min(skipped, max(0, first - queue.cursor))
+                corrupt = skipped - retained + taken[-1].offset - taken[0].offset + 1 - len(taken)
+            queue.stats.skipped += retained + corrupt
+            self.counters.skipped_retention += retained
+            self.counters.skipped_corrupt += corrupt
             self.counters.catchup_records += len(taken)
             for entry in taken:
                 if self._selects(queue, entry):

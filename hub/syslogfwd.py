@@ -23,7 +23,8 @@ hub restart, the forwarder resends everything after the committed offset.
   committed offset was acknowledged by the server's TCP stack and the server was alive
   ``confirm_s`` later; everything after the committed offset is sent again until that
   holds.  The exceptions are outside this component, and counted: entries retention
-  removed before they were read (``skipped_by_retention``), and a server that loses
+  removed before they were read (``skipped_by_retention``), stored batches that no longer
+  decode (``skipped_corrupt``, damaged storage), and a server that loses
   data it held for longer than ``confirm_s`` (use a disk-assisted queue there).
 - **Can be duplicated:** only messages sent after the committed offset, on a
   connection that was then lost (or before a hub restart): at most ``max_inflight_bytes``
@@ -657,6 +658,7 @@ class SyslogForwarder:
             ("squall_syslogfwd_connects_total", base, s.connects),
             ("squall_syslogfwd_reconnects_total", base, s.reconnects),
             ("squall_syslogfwd_skipped_by_retention_total", base, c.skipped_by_retention),
+            ("squall_syslogfwd_skipped_corrupt_total", base, c.skipped_corrupt),
             ("squall_syslogfwd_inflight_bytes", base, self.window.inflight_bytes),
             ("squall_syslogfwd_connected", base, float(self.state is ForwarderState.CONNECTED)),
             ("squall_syslogfwd_committed_offset", base, self.cursor.committed),

@@ -55,6 +55,7 @@ from hub.kernel import (
     Policy,
     QueueKey,
     QueueSpec,
+    ReadRequest,
     RequestError,
     Start,
     durable_name,
@@ -165,14 +166,14 @@ class SubscriptionService:
             for request in requests:
                 end = self.log.next_offset
                 try:
-                    entries = await asyncio.to_thread(self.log.read, request.start, request.count)
+                    first, entries = await asyncio.to_thread(self._catchup_read, request)
                 except SquallError as exc:
                     log.error("catch-up read for %s failed: %s", request.key, exc)
                     self.errors["catchup_read"] += 1
                     self.kernel.read_failed(request)
                     await asyncio.sleep(HOUSEKEEPING_S)
                     continue
-                self.kernel.feed_catchup(request, entries, end)
+                self.kernel.feed_catchup(request, entries, end, first)
                 self._wake()
             now = loop.time()
             if now >= next_housekeeping:
@@ -182,6 +183,12 @@ class SubscriptionService:
                 self._work.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._work.wait(), max(0.0, next_housekeeping - now))
+
+    def _catchup_read(self, request: ReadRequest) -> tuple[int | None, list[LogEntry]]:
+        """(the log's first offset, the entries asked for), off the event loop.  A JetStream
+        view's offsets skip, so its gaps are neither retention nor damage: no first offset."""
+        first = self.log.first_offset() if getattr(self.log, "contiguous", True) else None
+        return first, self.log.read(request.start, request.count)
 
     def _housekeeping(self, now: float) -> None:
         for name in self.kernel.expire(now):

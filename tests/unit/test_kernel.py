@@ -55,6 +55,7 @@ class FakeLog:
     def __init__(self) -> None:
         self.entries: list[LogEntry] = []
         self.next_offset = 1
+        self.head = 1
 
     def append(self, subject: str, tenant: str | None = None, **body: Any) -> LogEntry:
         e = make_entry(self.next_offset, subject, tenant, **body)
@@ -65,8 +66,16 @@ class FakeLog:
     def read(self, start: int, count: int) -> list[LogEntry]:
         return [e for e in self.entries if e.offset >= start][:count]
 
+    def first_offset(self) -> int:
+        return self.head  # a corrupt batch is still stored: only retention moves this
+
     def drop_head(self, upto: int) -> None:
         self.entries = [e for e in self.entries if e.offset >= upto]
+        self.head = max(self.head, upto)
+
+    def corrupt(self, lo: int, hi: int) -> None:
+        """Offsets lo..hi no longer decode: reads skip them, as ``hub.log.Log.read`` does."""
+        self.entries = [e for e in self.entries if not lo <= e.offset <= hi]
 
 
 class Rig:
@@ -91,7 +100,8 @@ class Rig:
         while requests := self.kernel.wants_reads():
             for r in requests:
                 end = self.log.next_offset
-                self.kernel.feed_catchup(r, self.log.read(r.start, r.count), end)
+                first = self.log.first_offset()
+                self.kernel.feed_catchup(r, self.log.read(r.start, r.count), end, first)
                 reads += 1
         return reads
 
@@ -405,6 +415,22 @@ def test_catch_up_across_retention_counts_what_it_missed() -> None:
     sid = rig.kernel.subscribe(QueueSpec("acme.>", start="earliest"), 0.0).subscriber
     assert offsets(rig.drain(sid)) == list(range(21, 31))
     assert rig.kernel.counters.skipped_retention == 20
+
+
+def test_catch_up_tells_corrupt_batches_from_retention() -> None:
+    """Past the log's first offset a gap is a stored batch that no longer decodes, whether
+    it leads a read or sits inside one; the queue counts both as skipped."""
+    rig = Rig()
+    rig.publish(*["acme.t1.x"] * 30)
+    rig.log.drop_head(6)  # retention: 1-5
+    rig.log.corrupt(6, 8)  # leads the first read
+    rig.log.corrupt(20, 24)  # inside it
+    sub = rig.kernel.subscribe(QueueSpec("acme.>", start="earliest"), 0.0)
+    got = offsets(rig.drain(sub.subscriber))
+    assert got == [*range(9, 20), *range(25, 31)]
+    c = rig.kernel.counters
+    assert (c.skipped_retention, c.skipped_corrupt) == (5, 8)
+    assert rig.kernel.describe(sub.key)["skipped"] == 13
 
 
 def test_start_at_an_offset_reads_from_there_then_goes_live() -> None:

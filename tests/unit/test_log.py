@@ -520,3 +520,26 @@ def test_a_durable_cursor_reads_past_a_corrupt_batch_in_small_steps(log: Log, pa
         after = last
     assert seen == [1, 2, 3, 8, 9]
     assert cursor.committed == 9
+    assert (cursor.stats.skipped_corrupt, cursor.stats.skipped_by_retention) == (4, 0)
+
+
+def test_a_cursor_tells_retention_from_corruption(path: Path) -> None:
+    """What retention removed lies before the log's first offset; a gap after it is a batch
+    the log skipped as corrupt, whether it leads the read or sits inside it."""
+    with Log(path, retention_max_age_s=15.0) as log:
+        three_batches(log)  # offsets 1-4, 5-8, 9-12
+        log.append_group([batch("d1", 13, 4, at_s=40.0)], 40.0)  # 13-16
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE batches SET payload = ? WHERE base_offset = 5", (b"\xc1" * 40,))
+            db.execute("UPDATE batches SET payload = ? WHERE base_offset = 13", (b"\xc1" * 40,))
+        assert log.apply_retention(now=31.0) == 1  # the 10 s batch: offsets 1-4
+        cursor = LogCursor(log, "archive")
+        entries, last = cursor.read(0, 100)
+        assert [e.offset for e in entries] == [9, 10, 11, 12]
+        assert last == 12
+        assert (cursor.stats.skipped_by_retention, cursor.stats.skipped_corrupt) == (4, 4)
+        log.append_group([batch("d1", 17, 2, at_s=41.0)], 41.0)  # 17-18, past a corrupt 13-16
+        entries, last = cursor.read(last, 100)
+        assert [e.offset for e in entries] == [17, 18]
+        assert (cursor.stats.skipped_by_retention, cursor.stats.skipped_corrupt) == (4, 8)
+        assert cursor.stats.read == 6
