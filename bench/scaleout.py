@@ -30,6 +30,13 @@ and the per-record cost is compared at the same per-hub load.  ``--spread`` puts
 second hub on the other CPU (beside the load and nats-server) instead of beside the
 first; ``per_hub_cpu_s_per_100k_jetstream_2hubs`` gives each hub's own figure.
 
+``--matched`` (with ``--rate``) asks what the second hub costs apart from where it has to
+run: the two hubs on different CPUs (as ``--spread``), and the one-hub figure they are
+compared with measured in both of those places, one hub at a time (``jetstream_1hub`` on
+the first CPU, ``jetstream_1hub_beside_load`` on the other, beside the load processes and
+nats-server); ``cpu_s_per_100k_jetstream_1hub_matched`` is the two together per record and
+``two_hubs_over_one`` is taken against it.
+
 ``nats_server_cpu_s_per_100k_*`` is what the JetStream server spent meanwhile on its
 own core (not the hub's, but a machine's).  Targets: JetStream within 1.3x of SQLite's
 per-record hub CPU; two hubs no more per record than one.
@@ -298,12 +305,14 @@ def measure_hubs(
     args: argparse.Namespace,
     tmp: Path,
     pki: Path,
-    n_hubs: int,
+    placement: list[set[int]],
     server: NatsServer | None,
     stream: str,
 ) -> dict[str, Any]:
-    """Committed records and CPU of ``n_hubs`` hub processes over a steady window."""
-    hub_cpus, load_cpus = cpu_split()
+    """Committed records and CPU of one hub process per entry of ``placement`` (the CPUs
+    each is pinned to) over a steady window."""
+    _, load_cpus = cpu_split()
+    n_hubs = len(placement)
     hubs: list[Hub] = []
     workers: PlacedWorkers | None = None
     try:
@@ -322,8 +331,7 @@ def measure_hubs(
                     },
                     "name": f"hub{i}",
                 }
-            cpus = load_cpus if (args.spread and i % 2 == 1) else hub_cpus
-            hubs.append(Hub(write_hub_config(d, pki, **over), cpus, d))
+            hubs.append(Hub(write_hub_config(d, pki, **over), placement[i], d))
         for h in hubs:
             h.wait_ready()
         ports = [h.files.udp_port for h in hubs]
@@ -382,6 +390,8 @@ def measure_hubs(
         return sum(b.get(key, 0.0) - a.get(key, 0.0) for a, b in zip(g0, g1, strict=True))
 
     return {
+        "cpu_s": cpu,
+        "committed": committed,
         "cpu_s_per_100k": round(cpu / committed * 1e5, 3),
         "records_per_s": round(committed / (t1 - t0)),
         "per_hub_records": [int(x) for x in per_hub],
@@ -400,11 +410,19 @@ def measure_whole_hubs(args: argparse.Namespace, tmp: Path, server: NatsServer) 
     raise_fd_limit()
     pki = make_pki(tmp / "certs")
     out: dict[str, Any] = {}
-    runs = [("sqlite", 1, None, ""), ("jetstream_1hub", 1, server, "SQUALLB1")]
-    runs.append(("jetstream_2hubs", 2, server, "SQUALLB2"))
-    for key, n, srv, stream in runs:
+    first, other = cpu_split()
+    second = other if args.spread or args.matched else first
+    runs: list[tuple[str, list[set[int]], NatsServer | None, str]] = [
+        ("sqlite", [first], None, ""),
+        ("jetstream_1hub", [first], server, "SQUALLB1"),
+    ]
+    if args.matched:  # the second hub's place, taken by one hub alone
+        runs.append(("jetstream_1hub_beside_load", [other], server, "SQUALLB3"))
+    runs.append(("jetstream_2hubs", [first, second], server, "SQUALLB2"))
+    raw: dict[str, dict[str, Any]] = {}
+    for key, placement, srv, stream in runs:
         (tmp / key).mkdir()
-        r = measure_hubs(args, tmp / key, pki, n, srv, stream)
+        r = raw[key] = measure_hubs(args, tmp / key, pki, placement, srv, stream)
         out[f"cpu_s_per_100k_{key}"] = r["cpu_s_per_100k"]
         out[f"records_per_s_{key}"] = r["records_per_s"]
         out[f"hub_cpu_util_{key}"] = r["hub_cpu_util"]
@@ -413,9 +431,15 @@ def measure_whole_hubs(args: argparse.Namespace, tmp: Path, server: NatsServer) 
         out[f"datagrams_out_per_100_records_{key}"] = r["datagrams_out_per_100_records"]
         if srv is not None:
             out[f"nats_server_cpu_s_per_100k_{key}"] = r["nats_cpu_s_per_100k"]
-        if n > 1:
+        if len(placement) > 1:
             out[f"per_hub_records_{key}"] = r["per_hub_records"]
             out[f"per_hub_cpu_s_per_100k_{key}"] = r["per_hub_cpu_s_per_100k"]
+    if args.matched:
+        # one hub in each place the two hubs take, one at a time: per record, what the
+        # same placements cost without a second hub running
+        one = [raw["jetstream_1hub"], raw["jetstream_1hub_beside_load"]]
+        per = sum(r["cpu_s"] for r in one) / sum(r["committed"] for r in one) * 1e5
+        out["cpu_s_per_100k_jetstream_1hub_matched"] = round(per, 3)
     return out
 
 
@@ -430,6 +454,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "devices": args.devices,
         "load_procs": args.procs,
         "window_s": args.window,
+        "placement": (
+            "hubs on different CPUs, one beside the load and nats-server"
+            if args.spread or args.matched
+            else "hubs on one CPU, load and nats-server on the other"
+        ),
         "batch_records": args.batch,
         "group_batches": args.group,
         "log_records": sum(b.count for g in work[5:] for b in g),
@@ -456,7 +485,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         sq, one = out["cpu_s_per_100k_sqlite"], out["cpu_s_per_100k_jetstream_1hub"]
         two = out["cpu_s_per_100k_jetstream_2hubs"]
         out["jetstream_over_sqlite"] = round(one / sq, 2) if sq else None
-        out["two_hubs_over_one"] = round(two / one, 2) if one else None
+        base = out.get("cpu_s_per_100k_jetstream_1hub_matched", one)
+        out["two_hubs_over_one"] = round(two / base, 2) if base else None
     return out
 
 
@@ -468,13 +498,16 @@ def report(out: dict[str, Any]) -> None:
     if "cpu_s_per_100k_sqlite" in out:
         print(
             f"whole hubs: {out['devices']} devices in {out['load_procs']} load processes, "
-            f"{out['window_s']} s window, hubs on one CPU, load and nats-server on the other"
+            f"{out['window_s']} s window, {out['placement']}"
         )
         for key, label in (
             ("sqlite", "1 hub,  SQLite   "),
             ("jetstream_1hub", "1 hub,  JetStream"),
+            ("jetstream_1hub_beside_load", "1 hub beside the load, JetStream"),
             ("jetstream_2hubs", "2 hubs, JetStream"),
         ):
+            if f"cpu_s_per_100k_{key}" not in out:
+                continue
             nats = out.get(f"nats_server_cpu_s_per_100k_{key}")
             extra = f"; nats-server {nats} CPU-s per 100k" if nats is not None else ""
             print(
@@ -483,7 +516,15 @@ def report(out: dict[str, Any]) -> None:
                 f"{out[f'records_per_commit_{key}']} records per commit){extra}"
             )
         if "per_hub_records_jetstream_2hubs" in out:
-            print(f"  2 hubs' shares of the window: {out['per_hub_records_jetstream_2hubs']}")
+            print(
+                f"  2 hubs' shares of the window: {out['per_hub_records_jetstream_2hubs']}, "
+                f"hub CPU-s per 100k each: {out['per_hub_cpu_s_per_100k_jetstream_2hubs']}"
+            )
+        if "cpu_s_per_100k_jetstream_1hub_matched" in out:
+            print(
+                "  1 hub in each of the 2 hubs' places, one at a time: "
+                f"{out['cpu_s_per_100k_jetstream_1hub_matched']} hub CPU-s per 100k records"
+            )
         ratio, two = out["jetstream_over_sqlite"], out["two_hubs_over_one"]
         print(
             f"  JetStream / SQLite per record: {ratio}x   target <= {TARGET_RATIO}x: "
@@ -527,6 +568,12 @@ def main() -> int:
         action="store_true",
         help="the second hub on the other CPU (with the load) instead of beside the first",
     )
+    ap.add_argument(
+        "--matched",
+        action="store_true",
+        help="with --rate: the hubs on different CPUs (as --spread), and the one-hub figure "
+        "they are compared with measured in both of those places, one hub at a time",
+    )
     ap.add_argument("--batch", type=int, default=100, help="records per batch (log alone)")
     ap.add_argument("--group", type=int, default=10, help="batches per group (log alone)")
     ap.add_argument("--records", type=int, default=1_000_000, help="records (log alone)")
@@ -539,6 +586,8 @@ def main() -> int:
         args.records, args.warmup, args.window = 200_000, 3.0, 8.0
     if args.procs < 1 or args.devices < args.procs:
         ap.error("--devices must be at least --procs >= 1")
+    if args.matched and args.rate <= 0:
+        ap.error("--matched needs --rate (flat out, the hubs' loads differ by placement)")
     try:
         with watchdog(args.timeout):
             out = bench(args)
