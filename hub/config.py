@@ -70,6 +70,21 @@ class ServerLimits:
     max_tickets: int = 100_000
     udp_receive_buffer_bytes: int = 4 << 20
 
+    def validate(self) -> None:
+        """Reject bounds that would refuse every device or never time out."""
+        if self.max_connections < 1 or self.max_handshakes < 1:
+            raise ValueError("server.max_connections and server.max_handshakes must be at least 1")
+        if not 1 <= self.busy_retry_after_ms <= 3_600_000:
+            raise ValueError("server.busy_retry_after_ms must be within 1..3600000")
+        if self.idle_timeout_s <= 0 or self.handshake_timeout_s <= 0:
+            raise ValueError(
+                "server.idle_timeout_s and server.handshake_timeout_s must be positive"
+            )
+        if self.max_tickets < 0:
+            raise ValueError("server.max_tickets must not be negative")
+        if self.udp_receive_buffer_bytes < 65_536:
+            raise ValueError("server.udp_receive_buffer_bytes must be at least 65536")
+
 
 @dataclass(slots=True)
 class LogSettings:

@@ -65,6 +65,29 @@ def test_max_streams_reaches_the_quic_endpoint(tmp_path: Path) -> None:
     assert endpoint_limits(cfg.server, cfg.limits).max_streams == 2
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("max_handshakes", 0, "max_handshakes must be at least 1"),
+        ("max_connections", -1, "max_connections and server.max_handshakes"),
+        ("busy_retry_after_ms", 0, r"busy_retry_after_ms must be within 1\.\.3600000"),
+        ("idle_timeout_s", 0, "idle_timeout_s and server.handshake_timeout_s must be positive"),
+        ("handshake_timeout_s", -1.0, "handshake_timeout_s must be positive"),
+        ("max_tickets", -5, "max_tickets must not be negative"),
+        ("udp_receive_buffer_bytes", 1024, "udp_receive_buffer_bytes must be at least 65536"),
+    ],
+)
+def test_server_bounds_out_of_range_are_refused(
+    tmp_path: Path, key: str, value: float, message: str
+) -> None:
+    """A bound that would refuse every device (or never time one out) is a config error."""
+    bad = tmp_path / "hub.yaml"
+    bad.write_text(f"tls: {{cert: a, key: b, device_ca: c}}\nserver: {{{key}: {value}}}\n")
+    with pytest.raises(ConfigError, match=message) as exc:
+        build(HubConfig, load_yaml(bad), path=str(bad))
+    assert str(bad) in str(exc.value) and exc.value.key == "server"
+
+
 def test_hard_limit_below_soft_limit_is_refused(tmp_path: Path) -> None:
     bad = tmp_path / "hub.yaml"
     bad.write_text(
