@@ -5,8 +5,7 @@ The order is the device's placement order (``edge.placement``): the first hub is
 home.  The agent stays on the hub it reached until something goes wrong there:
 
 - a hub that answers BUSY with a retry-after hint sends the device to the next hub,
-  no sooner than the hint (plus up to a quarter of it as jitter: the hub spaces its hints
-  already, so a crowd leaving a busy hub comes back at the rate it can take them);
+  no sooner than the hint (plus jitter, so a crowd leaving a busy hub spreads out);
 - a hub that is draining (GOING_AWAY: shutting down, or refusing new connections
   while it drains) sends the device to the next hub at once, with a short jitter --
   unless every hub has been tried since the last good session, when the normal
@@ -21,8 +20,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-
-HINT_JITTER = 0.25  # a retry-after hint is followed within this fraction of itself
 
 
 @dataclass(slots=True)
@@ -79,10 +76,8 @@ class Reconnector:
         if draining or retry_after_s > 0 or self._on_this_hub >= self.config.failover_after:
             self._next_hub()
         if retry_after_s > 0:
-            # A busy hub's hint is a floor.  The hub already spaces its hints a slot apart
-            # (transport/admission.py); a little jitter on top keeps a crowd given the
-            # same hint (a hub past its places, or an older one) from coming back at once.
-            return now + retry_after_s + self._rng.uniform(0.0, retry_after_s * HINT_JITTER)
+            # a busy hub's hint is a floor; jitter on top spreads a crowd leaving a tunnel
+            return now + retry_after_s + self._rng.uniform(0.0, retry_after_s)
         if draining and not tried_all:
             return now + self._rng.uniform(0.0, self.config.base_s)
         return now + self.delay(self.failures - 1)

@@ -49,7 +49,6 @@ from aioquic.quic.stream import QuicStream
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from transport.admission import HandshakePacer
 from transport.auth import Clock, TicketStore, require_client_certificate, wall_clock
 from transport.certs import DeviceIdentity, PrivateKey
 from transport.errors import ErrorCode, WireError
@@ -504,8 +503,8 @@ class HubLimits:
     """Per-endpoint bounds; what happens at each is in the comment."""
 
     max_connections: int = 10_000  # beyond: new handshakes refused with BUSY + retry-after
-    max_handshakes: int = 200  # handshakes in progress; beyond: BUSY + a paced retry-after
-    busy_retry_after_ms: int = 5_000  # the retry-after; at most this when pacing handshakes
+    max_handshakes: int = 200  # handshakes in progress; beyond: BUSY + retry-after
+    busy_retry_after_ms: int = 5_000
     max_frame_bytes: int = MAX_FRAME_BYTES  # a larger DATA frame: FRAME_TOO_LARGE, close
     idle_timeout_s: float = 90.0  # silent connections are dropped by QUIC
     max_pending_frames: int = 64  # frames held before the identity is known; beyond: close
@@ -605,15 +604,10 @@ class HubEndpoint:
         self._timers: list[tuple[float, int]] = []
         self._events: deque[HubEvent] = deque()
         self._stateless: list[tuple[bytes, Address]] = []
-        # Initial DCIDs refused as busy, with the retry-after given (ms): their retransmitted
-        # Initials (sent before the refusal arrived) are refused too, with the same hint,
-        # instead of taking a handshake slot for a client that has already gone away to
-        # retry with a new connection.
-        self._refused: OrderedDict[bytes, int] = OrderedDict()
-        # devices turned away for want of a handshake slot come back paced, not in rounds
-        self._pacer = HandshakePacer(
-            self.limits.max_handshakes, self.limits.busy_retry_after_ms / 1000
-        )
+        # Initial DCIDs refused as busy: their retransmitted Initials (sent before the refusal
+        # arrived) are refused too, instead of taking a handshake slot for a client that
+        # has already gone away to retry with a new connection.
+        self._refused: OrderedDict[bytes, None] = OrderedDict()
         self._out: list[tuple[bytes, Address]] = []
         self.counters: dict[str, int] = dict.fromkeys(
             (
@@ -689,21 +683,14 @@ class HubEndpoint:
     def _accept(self, header: Any, data: bytes, addr: Address, now: float) -> HubConnection | None:
         handshaking = self.handshaking
         full = len(self.connections) >= self.limits.max_connections
-        again = self._refused.get(header.destination_cid)
-        slots = handshaking >= self.limits.max_handshakes
-        if again is not None or not self.accepting or full or slots:
+        again = header.destination_cid in self._refused
+        if again or not self.accepting or full or handshaking >= self.limits.max_handshakes:
             self.counters["busy_refused"] += 1
-            if again is not None:
-                hint_ms = again
-            elif self.accepting and not full:  # only the handshake slots are taken
-                hint_ms = max(1, round(self._pacer.hint(now) * 1000))
-            else:
-                hint_ms = self.limits.busy_retry_after_ms
-            self._refused[header.destination_cid] = hint_ms
+            self._refused[header.destination_cid] = None
             if len(self._refused) > _REFUSED_MEMORY:
                 self._refused.popitem(last=False)
             code = ErrorCode.GOING_AWAY if not self.accepting else ErrorCode.BUSY
-            reason = f"{code.name.lower()}; retry-after-ms={hint_ms}"
+            reason = f"{code.name.lower()}; retry-after-ms={self.limits.busy_retry_after_ms}"
             self._stateless.append((_initial_close(header, reason), addr))
             return None
         conn_id = next(self._ids)
@@ -783,9 +770,6 @@ class HubEndpoint:
             q: Any = conn.quic
             q._ack_delay = HUB_ACK_DELAY_S
             self.handshaking -= 1
-            if conn.handshake_deadline is not None:
-                began = conn.handshake_deadline - self.limits.handshake_timeout_s
-                self._pacer.completed(now, now - began)
             conn.handshake_deadline = None
             self.counters["handshakes"] += 1
             self.counters["resumed"] += int(ev.session_resumed)

@@ -49,7 +49,7 @@ pytestmark = pytest.mark.integration
 
 DEVICES = 1000
 RECORDS = 3  # per device
-RETRY_AFTER_MS = 300  # the hub's longest busy hint; short, so the refused devices come back quickly
+RETRY_AFTER_MS = 300  # the hub's busy hint; short, so the refused devices come back quickly
 MAX_HANDSHAKES = 100
 RETRY_LOST_S = 0.2  # a device whose handshake got lost tries again after this
 LANE = int(Lane.TELEMETRY)
@@ -274,10 +274,8 @@ def test_thousand_devices_every_record_once_and_memory_per_idle_session(
     # more devices than handshake slots: the refused ones got the hint and came back
     busy = [d for d in devices if d.busy_reasons]
     assert busy and fig["busy_refused"] >= sum(len(d.busy_reasons) for d in busy)
-    # paced: each hint a place in the hub's queue of returns, none past the configured one
-    hints = [int(r.removeprefix("busy; retry-after-ms=")) for d in busy for r in d.busy_reasons]
-    assert all(1 <= h <= RETRY_AFTER_MS for h in hints), sorted(set(hints))
-    assert len(set(hints)) > 1
+    reasons = {r for d in busy for r in d.busy_reasons}
+    assert reasons == {f"busy; retry-after-ms={RETRY_AFTER_MS}"}
 
     retried = sum(len(d.lost_handshakes) for d in devices)
     per_session = (fig["rss_after"] - fig["rss_before"]) / DEVICES
