@@ -235,6 +235,7 @@ class Child:
         cpus: set[int],
         logdir: Path,
         stdout: int | None = subprocess.PIPE,
+        nice: int = 0,
     ) -> None:
         self.name = name
         self.stderr_path = logdir / f"{name}.stderr"
@@ -244,6 +245,8 @@ class Child:
         def setup() -> None:  # runs in the child between fork and exec
             die_with_parent(signal.SIGKILL)
             pin(cpus)
+            if nice:
+                os.nice(nice)
 
         self.proc = subprocess.Popen(
             argv,
