@@ -8,6 +8,7 @@ so a consumer with a narrow selection does not hold retention back.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,16 @@ class Selection:
         return self.filter is None or self.filter.matches(entry_message(e))
 
 
+def skipped_by_cause(want: int, first: int, entries: Sequence[LogEntry]) -> tuple[int, int]:
+    """(removed by retention, in corrupt batches): the offsets a read that wanted ``want`` on
+    passed over to get ``entries`` (non-empty, in offset order) from a log with contiguous
+    offsets whose first stored offset was ``first``.  Retention removes from the front, so
+    what lies below ``first`` is its; a gap from there on is a batch ``Log.read`` skipped
+    because it no longer decodes."""
+    retention = min(entries[0].offset - want, max(0, first - want))
+    return retention, entries[-1].offset - want + 1 - len(entries) - retention
+
+
 @dataclass(slots=True)
 class CursorStats:
     """What a cursor read."""
@@ -89,16 +100,11 @@ class LogCursor:
         entries = self.log.read(start, max_records)
         if not entries:
             return [], after
-        # A JetStream log view's offsets are not contiguous: a gap there is neither.  In the
-        # SQLite log, retention removes from the front, so only what lies before its first
-        # offset is retention's; a gap from there on is a batch the log skipped as corrupt.
+        # a JetStream log view's offsets are not contiguous: a gap there is neither
         if getattr(self.log, "contiguous", True):
-            self.stats.skipped_by_retention += start - after - 1
-            gaps, prev = 0, start - 1
-            for e in entries:
-                gaps += e.offset - prev - 1
-                prev = e.offset
-            self.stats.skipped_corrupt += gaps
+            retention, corrupt = skipped_by_cause(after + 1, start, entries)
+            self.stats.skipped_by_retention += retention
+            self.stats.skipped_corrupt += corrupt
         self.stats.read += len(entries)
         matched = [e for e in entries if self.selection.matches(e)]
         self.stats.matched += len(matched)

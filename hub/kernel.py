@@ -51,7 +51,7 @@ from enum import StrEnum
 from typing import Any, Literal, TypeAlias
 
 from hub.config import KernelSettings
-from hub.consumer import entry_message
+from hub.consumer import entry_message, skipped_by_cause
 from hub.filters import Filter, compile_filter
 from hub.log import LogEntry
 from hub.subjects import STAR, TAIL, SubjectError, SubjectTrie, validate_pattern
@@ -542,12 +542,9 @@ class Kernel:
         head = self.head
         taken = [e for e in entries if queue.cursor <= e.offset < head]
         if taken:
-            skipped = taken[0].offset - queue.cursor
-            if first is None:
-                retained = corrupt = 0
-            else:
-                retained = min(skipped, max(0, first - queue.cursor))
-                corrupt = skipped - retained + taken[-1].offset - taken[0].offset + 1 - len(taken)
+            retained, corrupt = (
+                (0, 0) if first is None else skipped_by_cause(queue.cursor, first, taken)
+            )
             queue.stats.skipped += retained + corrupt
             self.counters.skipped_retention += retained
             self.counters.skipped_corrupt += corrupt
