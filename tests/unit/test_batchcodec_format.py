@@ -148,3 +148,51 @@ def test_a_batch_whose_seq_leaves_u64_is_refused() -> None:
         decode_batch(codec, payload, 2**64 - 2, 2)
     with pytest.raises(WireError):
         validate_batch(codec, payload, 2**64 - 2, 2)
+
+
+def _column_rule(vals: list[float]) -> tuple[int, list[int]] | None:
+    """The scaled-decimal rule value by value, written plainly (the codec does it by column):
+    the largest number of decimals of any shortest repr, then every value times 10**scale
+    must be an exact integer below 1e15."""
+    scale = 0
+    for v in vals:
+        r = repr(v)
+        if "." not in r or "e" in r or r == "-0.0":
+            return None
+        scale = max(scale, len(r) - r.index(".") - 1)
+    if scale > 9:
+        return None
+    ints = []
+    for v in vals:
+        n = round(v * 10**scale)
+        if not abs(v) < 1e15 / 10**scale or n / 10**scale != v:
+            return None
+        ints.append(n)
+    return scale, ints
+
+
+def test_float_columns_scale_exactly_as_the_value_by_value_rule() -> None:
+    """Every column of floats: the same scale and integers as the plain rule, or plain floats
+    when the rule says so (-0.0, inf, nan, exponents, too many decimals, too large)."""
+    from transport.batchcodec import _scaled_decimals
+
+    rng = random.Random(11)
+    odd = [0.0, -0.0, 1e20, 1e-7, math.inf, -math.inf, math.nan, 1e15, 9.99e14, 0.1 + 0.2]
+    scaled = 0
+    for _ in range(5000):
+        k = rng.randint(2, 12)
+        pick = rng.random()
+        if pick < 0.4:
+            col = [round(rng.uniform(-1e3, 1e3), rng.randint(0, 10)) for _ in range(k)]
+        elif pick < 0.6:
+            col = [rng.uniform(-1e6, 1e6) for _ in range(k)]
+        elif pick < 0.75:
+            col = [rng.choice([*odd, 1.5, 2.25, 123456789.123]) for _ in range(k)]
+        else:
+            col = [
+                round(rng.gauss(0, 10 ** rng.randint(0, 16)), rng.randint(0, 10)) for _ in range(k)
+            ]
+        want = _column_rule(col)
+        assert _scaled_decimals(col) == want, col
+        scaled += want is not None
+    assert 1000 < scaled < 4000  # both outcomes were exercised
