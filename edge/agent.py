@@ -170,9 +170,11 @@ class Agent:
         self._schedule_commit()
 
     def _after_commit(self) -> None:
-        if self.endpoint is not None and self._driver is not None and not self.endpoint.closed:
-            self.endpoint.poll(self._now())
-            self._driver.flush()
+        endpoint, driver = self.endpoint, self._driver
+        if endpoint is None or driver is None or endpoint.closed:
+            return
+        if endpoint.poll(self._now()):  # not when the records only joined a lingering batch
+            driver.flush()
 
     # -- connection loop -----------------------------------------------------------
 

@@ -653,12 +653,14 @@ class Spool:
 
     def next_commit_at(self) -> float | None:
         """When the shell should call ``commit``: the group-commit or sync deadline, or None."""
-        times = [t for t in (self._sync_due,) if t is not None]
+        sync = self._sync_due
         if self._dirty_since is not None:
-            times.append(self._dirty_since + self.group_commit_s)
+            at = self._dirty_since + self.group_commit_s
         elif self._trim_since is not None:
-            times.append(self._trim_since + self.trim_delay_s)
-        return min(times) if times else None
+            at = self._trim_since + self.trim_delay_s
+        else:
+            return sync
+        return at if sync is None or at < sync else sync
 
     def _write(self) -> None:
         conn = self._conn

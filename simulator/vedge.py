@@ -310,14 +310,16 @@ class VirtualEdge:
         self.session = None
 
     def _commit(self, now: float) -> bool:
-        """Group commit; True when it accepted records and the session was told."""
+        """Group commit; True when it accepted records and that gave the connection work."""
         assert self.spool is not None
         self.spool.commit(now)
         if not self._settle() or self.endpoint is None or self.endpoint.closed:
             return False
         # Newly accepted records: let the session send what it may (the agent does this
-        # after every commit; after one that only wrote trims there is nothing new).
-        self.endpoint.poll(now)
+        # after every commit; after one that only wrote trims there is nothing new).  Records
+        # that joined a lingering batch leave the connection as it was: not touched.
+        if not self.endpoint.poll(now):
+            return False
         self._after(now)
         return True
 

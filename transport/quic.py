@@ -364,10 +364,17 @@ class EdgeEndpoint:
             self.session.handle_timer(now)
         self._drain(now)
 
-    def poll(self, now: float) -> None:
-        """New records are in the spool: let the session send what it may."""
+    def poll(self, now: float) -> bool:
+        """New records are in the spool: let the session send what it may.
+
+        Returns whether the shell has anything to do now: datagrams to send, events, or a
+        new deadline.  A poll that only added records to a lingering batch changed nothing
+        (that is most of them: the agent polls after every group commit).
+        """
+        linger_at = self.session.linger_at
         self.session.poll(now)
         self._pump(now)
+        return self._dirty or bool(self._events) or self.session.linger_at != linger_at
 
     def next_event(self) -> Connected | ConnectionLost | SessionEvent | None:
         """Next endpoint or session event."""

@@ -336,6 +336,11 @@ class EdgeSession(_Core):
 
     # -- timers --------------------------------------------------------------
 
+    @property
+    def linger_at(self) -> float | None:
+        """When the earliest lingering batch is due (set by ``poll``), or None."""
+        return self._linger_at
+
     def get_timer(self) -> float | None:
         """The one deadline this core needs, or None."""
         if self.state is EdgeState.CLOSED:

@@ -40,7 +40,7 @@ DELAY = 0.02  # one way
 class Pair:
     """One edge and one hub joined by a lossless link; either direction can go dark."""
 
-    def __init__(self) -> None:
+    def __init__(self, sender: SenderConfig | None = None) -> None:
         self.now = 1000.0
         ca, ca_key = certs.make_ca("test CA")
         hub_cert, hub_key = certs.make_hub_cert(ca, ca_key, ["localhost"])
@@ -50,7 +50,11 @@ class Pair:
         self.outbox = MemoryOutbox()
         self.seq = 0
         session = EdgeSession(
-            self.outbox, 1, self.now, SenderConfig(linger_s=0.0), stats=lambda: {"sd": 0}
+            self.outbox,
+            1,
+            self.now,
+            sender or SenderConfig(linger_s=0.0),
+            stats=lambda: {"sd": 0},
         )
         self.edge = EdgeEndpoint(EdgeTls([ca], cert, key), session, HUB, self.now)
         self.up_dark = False
