@@ -948,6 +948,12 @@ class JetStreamLogView:
         """Offset of the oldest batch the stream holds."""
         return self._call(self.consumer.first_offset())
 
+    def read_with_first(self, from_offset: int, max_records: int) -> tuple[int, list[LogEntry]]:
+        """``first_offset()``, then what the consumer delivers from there or ``from_offset``
+        (a stream's offsets skip: its readers count no gaps, so one moment is not needed)."""
+        first = self.first_offset()
+        return first, self.read(max(from_offset, first), max_records)
+
     def consumer_offset(self, name: str) -> int:
         """The last offset ``name`` committed (its durable consumer's ack floor)."""
         self._check(name)

@@ -108,6 +108,7 @@ SELECT incarnation FROM marks
 WHERE tenant = ? AND device = ? AND incarnation NOT IN (?, ?)
 GROUP BY incarnation ORDER BY max(updated_us) DESC, incarnation DESC LIMIT -1 OFFSET ?
 """
+_FIRST_OFFSET = "SELECT min(base_offset) FROM batches"
 _READ_FROM = """
 SELECT base_offset, count, tenant, device, incarnation, lane, first_seq, received_us, codec,
        payload
@@ -660,26 +661,53 @@ class Log:
         Records retention removed are skipped: the first entry's offset tells a
         consumer that it fell behind ``first_offset()``.
         """
-        if max_records < 1:
-            return []
+        return self._read(from_offset, max_records, with_first=False)[1]
+
+    def read_with_first(self, from_offset: int, max_records: int) -> tuple[int, list[LogEntry]]:
+        """``first_offset()`` and ``read(from_offset, max_records)`` as of one moment.
+
+        A reader tells retention's gaps (below the first offset) from a corrupt batch's
+        (above it); asked one after the other, retention could run in between and its
+        rows pass for corrupt ones.  Here both are read under the lock retention takes.
+        (Past a corrupt batch the read goes on in a second query; only a retention that
+        removed everything up to there in between could blur that, and the count of
+        skipped offsets stays right either way.)
+        """
+        first, entries = self._read(from_offset, max_records, with_first=True)
+        assert first is not None
+        return first, entries
+
+    def _read(
+        self, from_offset: int, max_records: int, *, with_first: bool
+    ) -> tuple[int | None, list[LogEntry]]:
         out: list[LogEntry] = []
+        if max_records < 1:
+            return (self.first_offset() if with_first else None), out
         start = from_offset
+        first: int | None = None
         while len(out) < max_records:
-            rows = self._fetch(start, max_records - len(out))
+            seen, rows = self._fetch(start, max_records - len(out), with_first and first is None)
+            first = seen if first is None else first
             clean = True
             for row in rows:
                 clean = self._decode_row(row, start, max_records, out) and clean
             if clean or not rows:
                 break
             start = rows[-1][0] + rows[-1][1]  # a row was corrupt: read on past it
-        return out
+        return first, out
 
-    def _fetch(self, from_offset: int, max_records: int) -> list[tuple[Any, ...]]:
-        """The rows holding ``max_records`` records from ``from_offset`` on."""
+    def _fetch(
+        self, from_offset: int, max_records: int, with_first: bool = False
+    ) -> tuple[int | None, list[tuple[Any, ...]]]:
+        """The rows holding ``max_records`` records from ``from_offset`` on, and with
+        ``with_first`` the log's first offset read under the same lock."""
         rows: list[tuple[Any, ...]] = []
+        first: int | None = None
         with self._lock:  # only the fetch holds the lock; decoding (~10 us a record) does not
             cur = self._conn().cursor()
             try:
+                if with_first:
+                    first = self._first_of(cur.execute(_FIRST_OFFSET).fetchone()[0])
                 cur.execute(_READ_FROM, (from_offset,))
                 covered = 0
                 for row in cur:
@@ -693,7 +721,7 @@ class Log:
                 raise LogError(f"log {self.path}: {exc}") from exc
             finally:
                 cur.close()
-        return rows
+        return first, rows
 
     def _decode_row(
         self, row: tuple[Any, ...], from_offset: int, limit: int, out: list[LogEntry]
@@ -728,8 +756,11 @@ class Log:
 
     def first_offset(self) -> int:
         """Offset of the oldest stored record (``next_offset`` when the log is empty)."""
-        ((first,),) = self._query("SELECT min(base_offset) FROM batches")
-        return self._totals.next_offset if first is None else int(first)
+        ((first,),) = self._query(_FIRST_OFFSET)
+        return self._first_of(first)
+
+    def _first_of(self, min_base: int | None) -> int:
+        return self._totals.next_offset if min_base is None else int(min_base)
 
     @property
     def next_offset(self) -> int:

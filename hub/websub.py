@@ -185,10 +185,12 @@ class SubscriptionService:
                     await asyncio.wait_for(self._work.wait(), max(0.0, next_housekeeping - now))
 
     def _catchup_read(self, request: ReadRequest) -> tuple[int | None, list[LogEntry]]:
-        """(the log's first offset, the entries asked for), off the event loop.  A JetStream
-        view's offsets skip, so its gaps are neither retention nor damage: no first offset."""
-        first = self.log.first_offset() if getattr(self.log, "contiguous", True) else None
-        return first, self.log.read(request.start, request.count)
+        """(the log's first offset, the entries asked for), off the event loop, as of one
+        moment (``Log.read_with_first``).  A JetStream view's offsets skip, so its gaps are
+        neither retention nor damage: no first offset."""
+        if not getattr(self.log, "contiguous", True):
+            return None, self.log.read(request.start, request.count)
+        return self.log.read_with_first(request.start, request.count)
 
     def _housekeeping(self, now: float) -> None:
         for name in self.kernel.expire(now):

@@ -69,6 +69,9 @@ class FakeLog:
     def first_offset(self) -> int:
         return self.head  # a corrupt batch is still stored: only retention moves this
 
+    def read_with_first(self, start: int, count: int) -> tuple[int, list[LogEntry]]:
+        return self.head, self.read(start, count)
+
     def drop_head(self, upto: int) -> None:
         self.entries = [e for e in self.entries if e.offset >= upto]
         self.head = max(self.head, upto)

@@ -543,3 +543,29 @@ def test_a_cursor_tells_retention_from_corruption(path: Path) -> None:
         assert [e.offset for e in entries] == [17, 18]
         assert (cursor.stats.skipped_by_retention, cursor.stats.skipped_corrupt) == (4, 8)
         assert cursor.stats.read == 6
+
+
+def test_retention_between_a_readers_questions_is_not_taken_for_corruption(path: Path) -> None:
+    """A reader learns the log's first offset and reads as of one moment: a retention pass
+    that ran between two separate questions made the rows it removed look like a corrupt
+    batch's (a gap past the first offset the reader had been told)."""
+    with Log(path, retention_max_age_s=15.0) as log:
+        three_batches(log)  # offsets 1-4 (at 10 s), 5-8, 9-12
+        real_first = log.first_offset
+
+        def first_then_retention() -> int:  # retention runs right after the answer
+            first = real_first()
+            log.apply_retention(now=31.0)
+            return first
+
+        log.first_offset = first_then_retention  # type: ignore[method-assign]
+        cursor = LogCursor(log, "archive")
+        entries, last = cursor.read(0, 100)
+        assert [e.offset for e in entries] == list(range(1, 13)) and last == 12
+        assert (cursor.stats.skipped_by_retention, cursor.stats.skipped_corrupt) == (0, 0)
+        log.first_offset = real_first  # type: ignore[method-assign]
+        assert log.apply_retention(now=31.0) == 1  # the reader asked once: nothing ran yet
+        assert log.read_with_first(1, 100)[0] == 5
+        entries, last = cursor.read(0, 100)  # from the start again: 1-4 are retention's
+        assert [e.offset for e in entries] == list(range(5, 13)) and last == 12
+        assert (cursor.stats.skipped_by_retention, cursor.stats.skipped_corrupt) == (4, 0)
