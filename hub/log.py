@@ -700,13 +700,19 @@ class Log:
         self, from_offset: int, max_records: int, with_first: bool = False
     ) -> tuple[int | None, list[tuple[Any, ...]]]:
         """The rows holding ``max_records`` records from ``from_offset`` on, and with
-        ``with_first`` the log's first offset read under the same lock."""
+        ``with_first`` the log's first offset, both in one read transaction (one snapshot,
+        whoever else deletes: this process holds the lock, another process's retention
+        commits before or after it)."""
         rows: list[tuple[Any, ...]] = []
         first: int | None = None
         with self._lock:  # only the fetch holds the lock; decoding (~10 us a record) does not
-            cur = self._conn().cursor()
+            db = self._conn()
+            cur = db.cursor()
+            began = False
             try:
                 if with_first:
+                    db.execute("BEGIN")  # deferred: a read, the snapshot of its first SELECT
+                    began = True
                     first = self._first_of(cur.execute(_FIRST_OFFSET).fetchone()[0])
                 cur.execute(_READ_FROM, (from_offset,))
                 covered = 0
@@ -721,6 +727,9 @@ class Log:
                 raise LogError(f"log {self.path}: {exc}") from exc
             finally:
                 cur.close()
+                if began and db.in_transaction:  # it only read: nothing to keep
+                    with suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
         return first, rows
 
     def _decode_row(

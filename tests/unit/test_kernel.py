@@ -103,8 +103,8 @@ class Rig:
         while requests := self.kernel.wants_reads():
             for r in requests:
                 end = self.log.next_offset
-                first = self.log.first_offset()
-                self.kernel.feed_catchup(r, self.log.read(r.start, r.count), end, first)
+                first, entries = self.log.read_with_first(r.start, r.count)  # as websub does
+                self.kernel.feed_catchup(r, entries, end, first)
                 reads += 1
         return reads
 

@@ -569,3 +569,23 @@ def test_retention_between_a_readers_questions_is_not_taken_for_corruption(path:
         entries, last = cursor.read(0, 100)  # from the start again: 1-4 are retention's
         assert [e.offset for e in entries] == list(range(5, 13)) and last == 12
         assert (cursor.stats.skipped_by_retention, cursor.stats.skipped_corrupt) == (4, 0)
+
+
+def test_the_first_offset_and_the_rows_are_one_snapshot_across_processes(path: Path) -> None:
+    """Another process's retention (another connection) deleting between the reader's two
+    queries is not seen by the second: both read one snapshot."""
+    with Log(path) as log:
+        three_batches(log)  # offsets 1-4, 5-8, 9-12
+        real_first_of = log._first_of
+
+        def first_of_then_delete(min_base: int | None) -> int:
+            with sqlite3.connect(path) as other:  # between the two queries
+                other.execute("DELETE FROM batches WHERE base_offset = 1")
+            return real_first_of(min_base)
+
+        log._first_of = first_of_then_delete  # type: ignore[method-assign]
+        first, entries = log.read_with_first(1, 100)
+        assert first == 1 and [e.offset for e in entries] == list(range(1, 13))
+        log._first_of = real_first_of  # type: ignore[method-assign]
+        first, entries = log.read_with_first(1, 100)  # the delete, seen by the next read
+        assert first == 5 and [e.offset for e in entries] == list(range(5, 13))
