@@ -105,7 +105,8 @@ async def _main(args: argparse.Namespace) -> int:
         agent.start()
     # Hundreds of agents share this process: it allocates short-lived objects by the million
     # (records, frames, packets) and few cycles.  As in the virtual fleet, the cyclic
-    # collector runs a tenth as often and leaves out what exists now (certificates, configs).
+    # collector's youngest generation is collected every 20,000 allocations (Python's
+    # default: 700) and what exists now (certificates, configs) is left out of its scans.
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
@@ -117,6 +118,9 @@ async def _main(args: argparse.Namespace) -> int:
     stopper = loop.create_task(stop.wait())
     await asyncio.wait([stopper, driving], return_when="FIRST_COMPLETED")
     driving.cancel()
+    failed = driving.exception() if driving.done() and not driving.cancelled() else None
+    if failed is not None:  # not a refused publish (that stops one vehicle): a bug
+        print(f"vehicles: the drive failed: {failed!r}", file=sys.stderr, flush=True)
     if args.drain and not stop.is_set():
         deadline = time.monotonic() + args.drain
         while time.monotonic() < deadline and any(
@@ -137,7 +141,7 @@ async def _main(args: argparse.Namespace) -> int:
         await agent.stop()
         print(f"vehicle {agent.prefix}: last_seq={agent.spool.last_seq}", flush=True)
     stopper.cancel()
-    return 0
+    return 1 if failed is not None else 0
 
 
 def _sender_state(agent: Agent) -> str:

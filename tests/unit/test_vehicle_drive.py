@@ -73,13 +73,13 @@ def test_every_vehicle_keeps_its_rate_from_one_timer() -> None:
 
 def test_a_refused_vehicle_stops_and_the_others_go_on(capsys: Any) -> None:
     agents = [FakeAgent("v0"), FakeAgent("v1", refuse_after=3), FakeAgent("v2")]
-    counts = asyncio.run(drive_fleet(_fleet(agents), 100.0, 0.3))
+    counts = asyncio.run(drive_fleet(_fleet(agents), 100.0, 1.0))
     assert counts[1] == 3 and len(agents[1].published) == 3
-    assert counts[0] > 10 and counts[2] > 10
+    assert counts[0] > 20 and counts[2] > 20  # ~100 each; a loaded machine catches up late
     assert "acme.v1: stopped publishing: spool full (test)" in capsys.readouterr().err
 
 
 def test_drive_is_a_fleet_of_one() -> None:
     agent = FakeAgent("solo")
-    n = asyncio.run(drive(cast(Agent, agent), 200.0, 0.2, random.Random(1)))
-    assert n == len(agent.published) and n > 10
+    n = asyncio.run(drive(cast(Agent, agent), 200.0, 0.5, random.Random(1)))
+    assert n == len(agent.published) and 10 < n <= 101
