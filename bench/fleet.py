@@ -44,6 +44,7 @@ from _common import (
     BenchError,
     Child,
     Hub,
+    HubFiles,
     cpu_seconds,
     free_port,
     machine,
@@ -133,6 +134,35 @@ def _committed(hub: Hub) -> float:
     return hub.metrics().get("squall_hub_records_committed_total", 0.0)
 
 
+def fleet_hub_config(work: Path, pki: Path, devices: int) -> HubFiles:
+    """The fleet's hub.yaml: room for every vehicle.  max_handshakes stays at its default
+    (200): a fleet connecting at once gets "busy; retry-after" answers and spreads out,
+    as it would against a real hub."""
+    return write_hub_config(
+        work,
+        pki,
+        server={"max_connections": devices + 100},
+        presence={"max_devices": devices + 100},
+    )
+
+
+def vehicle_configs(work: Path, pki: Path, spools: Path, devices: int, hub: str) -> list[Path]:
+    """One edge.yaml per vehicle (``v00000``...), its spool under ``spools``: the fleet's
+    1 s linger, 15 s heartbeats and a short reconnect backoff, sending to ``hub``."""
+    return [
+        write_edge_config(
+            work,
+            pki,
+            f"v{i:05d}",
+            [hub],
+            spool={"path": str(spools / f"v{i:05d}.spool.db")},
+            sender={"linger_ms": 1000, "heartbeat_s": 15},
+            backoff={"base_s": 0.5, "cap_s": 5},
+        )
+        for i in range(devices)
+    ]
+
+
 def run_trial(
     devices: int,
     rate: float,
@@ -147,14 +177,7 @@ def run_trial(
     logs = work / "logs"
     logs.mkdir(parents=True)
     pki = make_pki(work / "pki")
-    files = write_hub_config(
-        work,
-        pki,
-        # max_handshakes stays at its default (200): a fleet connecting at once gets
-        # "busy; retry-after" answers and spreads out, as it would against a real hub
-        server={"max_connections": devices + 100},
-        presence={"max_devices": devices + 100},
-    )
+    files = fleet_hub_config(work, pki, devices)
     link_port = free_port()
     children: list[Child] = []
     try:
@@ -186,18 +209,7 @@ def run_trial(
         )
         children.append(link)
         link.readline(30)
-        configs = [
-            write_edge_config(
-                work,
-                pki,
-                f"v{i:05d}",
-                [f"127.0.0.1:{link_port}"],
-                spool={"path": str(spools / f"v{i:05d}.spool.db")},
-                sender={"linger_ms": 1000, "heartbeat_s": 15},
-                backoff={"base_s": 0.5, "cap_s": 5},
-            )
-            for i in range(devices)
-        ]
+        configs = vehicle_configs(work, pki, spools, devices, f"127.0.0.1:{link_port}")
         vehicles = []
         for k in range(0, devices, VEHICLES_PER_PROCESS):
             chunk = [str(c) for c in configs[k : k + VEHICLES_PER_PROCESS]]

@@ -3,10 +3,11 @@
 Run: ``.venv/bin/python bench/vehicles.py [--devices 250] [--rate 10] [--json]``.
 
 One vehicle process (``python -m simulator.vehicle``: ``--devices`` real edge agents,
-each with its own on-disk spool on tmpfs, QUIC connection and certificate, the fleet
-bench's sender settings) pinned to CPU 1, publishing ``--rate`` records/s each straight
-to a ``squall hub`` pinned to CPU 0 (no proxy).  Over the middle 60% of the run the
-vehicle process's CPU time (utime+stime) is divided by the records the hub committed:
+each with its own on-disk spool on tmpfs, QUIC connection and certificate, configured as
+in ``bench/fleet.py``) pinned to CPU 1, publishing ``--rate`` records/s each straight to
+a ``squall hub`` (``bench/fleet.py``'s hub.yaml) pinned to CPU 0 (no proxy).  Over the
+middle 60% of the run the vehicle process's CPU time (utime+stime) is divided by the
+records the hub committed:
 ``vehicle_us_per_record``; ``hub_us_per_record`` likewise.
 
 The host's speed moves by a third from minute to minute on these machines, so compare
@@ -35,11 +36,8 @@ from _common import (
     print_json,
     raise_fd_limit,
     watchdog,
-    write_edge_config,
-    write_hub_config,
 )
-
-SPOOL_DIR = "/dev/shm" if Path("/dev/shm").is_dir() else None
+from fleet import DEFAULT_SPOOL_DIR, fleet_hub_config, vehicle_configs
 
 
 def _snapshot(vehicles: Child, hub: Hub) -> tuple[float, float, dict[str, float], float]:
@@ -51,36 +49,19 @@ def measure(devices: int, rate: float, duration: float) -> dict[str, Any]:
     """One run; the figures over the middle 60% of the publishing time."""
     with (
         TemporaryDirectory(prefix="squall-vehicles-") as tmp,
-        TemporaryDirectory(prefix="squall-vehicles-spools-", dir=SPOOL_DIR) as spools,
+        TemporaryDirectory(prefix="squall-vehicles-spools-", dir=DEFAULT_SPOOL_DIR or None) as sp,
     ):
         work = Path(tmp)
         logs = work / "logs"
         logs.mkdir()
         pki = make_pki(work)
-        files = write_hub_config(
-            work,
-            pki,
-            server={"max_connections": devices + 100},
-            presence={"max_devices": devices + 100},
-        )
+        files = fleet_hub_config(work, pki, devices)
         hub = Hub(files, {0}, logs)
         vehicles: Child | None = None
         try:
             hub.wait_ready()
-            configs = [
-                str(
-                    write_edge_config(
-                        work,
-                        pki,
-                        f"v{i:05d}",
-                        [f"127.0.0.1:{files.udp_port}"],
-                        spool={"path": str(Path(spools) / f"v{i:05d}.spool.db")},
-                        sender={"linger_ms": 1000, "heartbeat_s": 15},
-                        backoff={"base_s": 0.5, "cap_s": 5},
-                    )
-                )
-                for i in range(devices)
-            ]
+            hub_addr = f"127.0.0.1:{files.udp_port}"
+            configs = [str(c) for c in vehicle_configs(work, pki, Path(sp), devices, hub_addr)]
             argv = [sys.executable, "-m", "simulator.vehicle", "--config", *configs]
             argv += ["--rate", str(rate), "--duration", str(duration), "--drain", "20"]
             vehicles = Child("vehicles", argv, {1}, logs)

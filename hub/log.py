@@ -685,9 +685,11 @@ class Log:
             return (self.first_offset() if with_first else None), out
         start = from_offset
         first: int | None = None
+        ask_first = with_first  # with the first fetch only: the snapshot that counts
         while len(out) < max_records:
-            seen, rows = self._fetch(start, max_records - len(out), with_first and first is None)
-            first = seen if first is None else first
+            seen, rows = self._fetch(start, max_records - len(out), ask_first)
+            if ask_first:
+                first, ask_first = seen, False
             clean = True
             for row in rows:
                 clean = self._decode_row(row, start, max_records, out) and clean

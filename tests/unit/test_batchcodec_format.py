@@ -174,7 +174,7 @@ def _column_rule(vals: list[float]) -> tuple[int, list[int]] | None:
 def test_float_columns_scale_exactly_as_the_value_by_value_rule() -> None:
     """Every column of floats: the same scale and integers as the plain rule, or plain floats
     when the rule says so (-0.0, inf, nan, exponents, too many decimals, too large)."""
-    from transport.batchcodec import _scaled_decimals
+    from transport.batchcodec import _scaled_decimal, _scaled_decimals
 
     rng = random.Random(11)
     odd = [0.0, -0.0, 1e20, 1e-7, math.inf, -math.inf, math.nan, 1e15, 9.99e14, 0.1 + 0.2]
@@ -194,5 +194,8 @@ def test_float_columns_scale_exactly_as_the_value_by_value_rule() -> None:
             ]
         want = _column_rule(col)
         assert _scaled_decimals(col) == want, col
+        # a batch of one record takes the one-value copy of the rule: the same answer
+        one = _column_rule(col[:1])
+        assert _scaled_decimal(col[0]) == (None if one is None else (one[0], one[1][0])), col
         scaled += want is not None
     assert 1000 < scaled < 4000  # both outcomes were exercised
