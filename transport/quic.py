@@ -136,6 +136,51 @@ def _ack_held(quic: QuicConnection, now: float) -> bool:
     return at is not None and at > now and quic._state is QuicConnectionState.CONNECTED
 
 
+def _nothing_urgent(quic: QuicConnection, now: float) -> bool:
+    """After a datagram in, on a confirmed connection: True when aioquic has nothing to send
+    that cannot wait for the next packet going out anyway (or the held ACK's deadline).
+
+    On the edge, most datagrams in are the hub's commit ACKs: they leave only a QUIC ACK to
+    send, which the edge holds for its next batch, and asking aioquic for datagrams finds
+    none (~20 us).  Anything else it might have must go now: a retransmission the ACK
+    frame made due (lost data goes back to its stream's pending ranges), data the
+    congestion window held, a PATH_RESPONSE, a probe, a close, a raised flow-control limit,
+    connection IDs.  Each of those is checked here, so this answers False for them.
+    """
+    space = quic._spaces.get(tls.Epoch.ONE_RTT)
+    q: Any = quic
+    if (
+        space is None
+        or (space.ack_at is not None and space.ack_at <= now)
+        or quic._state is not QuicConnectionState.CONNECTED
+        or not q._handshake_confirmed
+        or q._close_pending
+        or q._probe_pending
+        or q._ping_pending
+        or q._datagrams_pending
+        or q._retire_connection_ids
+        or q._streams_blocked_pending
+        or not q._crypto_streams[tls.Epoch.ONE_RTT].sender.buffer_is_empty
+    ):
+        return False
+    max_data = q._local_max_data
+    if max_data.used * 2 > max_data.value or max_data.value != max_data.sent:
+        return False
+    if any(not c.was_sent for c in q._host_cids):
+        return False
+    if any(path.remote_challenges for path in q._network_paths):
+        return False
+    for stream in q._streams.values():
+        sender, receiver, window = stream.sender, stream.receiver, stream.max_stream_data_local
+        if not sender.buffer_is_empty or sender.reset_pending or receiver.stop_pending:
+            return False
+        if window and (receiver.highest_offset * 2 > window):
+            return False
+        if stream.max_stream_data_local_sent != window:
+            return False
+    return True
+
+
 def _count_for_ack(quic: QuicConnection, unacked: int, now: float) -> int:
     """After a datagram in: how many wait for an ACK (ACK_EVERY of them: acknowledge now)."""
     if _ack_pending(quic) is None:
@@ -316,6 +361,10 @@ class EdgeEndpoint:
         # Something may be due from aioquic: asking it costs ~100 us even when it has
         # nothing, and the agent polls after every spool commit, which mostly sends nothing.
         self._dirty = True
+        # aioquic's get_timer, kept until the connection is touched (receive, send, timer,
+        # anything written to it): the shells ask for the deadline after every event.
+        self._quic_timer_stale = True
+        self._quic_timer_at: float | None = None
         self._streams: dict[int, int] = {}  # channel -> stream id
         self._control_reader = FrameReader()
         self._events: deque[Connected | ConnectionLost | SessionEvent] = deque()
@@ -326,9 +375,14 @@ class EdgeEndpoint:
 
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         """A UDP datagram from the hub."""
+        confirmed, lost = self.handshake_done, self.packets_lost
         self.quic.receive_datagram(data, addr, now)
-        self._dirty = True
+        self._quic_timer_stale = True
         self._unacked = _count_for_ack(self.quic, self._unacked, now)
+        # aioquic is asked for datagrams only if it may have one that cannot wait for the
+        # next batch (see _nothing_urgent): the hub's commit ACKs leave none.
+        if not (confirmed and lost == self.packets_lost and _nothing_urgent(self.quic, now)):
+            self._dirty = True
         if addr[:2] == self.addr[:2]:
             self.session.heard(now)
         self._drain(now)
@@ -343,6 +397,7 @@ class EdgeEndpoint:
         if not self._dirty:
             return []
         self._dirty = False
+        self._quic_timer_stale = True
         out = [(d, a) for d, a in self.quic.datagrams_to_send(now)]
         if out:
             self._unacked = _count_after_send(self.quic, self._unacked)
@@ -350,15 +405,23 @@ class EdgeEndpoint:
 
     def get_timer(self) -> float | None:
         """The earliest deadline of the QUIC connection and the session."""
-        times = [t for t in (self.quic.get_timer(), self.session.get_timer()) if t is not None]
-        return min(times) if times else None
+        q, s = self._quic_timer(), self.session.get_timer()
+        return s if q is None else q if s is None or q < s else s
+
+    def _quic_timer(self) -> float | None:
+        """aioquic's deadline, asked again only after something changed the connection."""
+        if self._quic_timer_stale:
+            self._quic_timer_at = self.quic.get_timer()
+            self._quic_timer_stale = False
+        return self._quic_timer_at
 
     def handle_timer(self, now: float) -> None:
         """Run whatever is due."""
         self._dirty = True
-        t = self.quic.get_timer()
+        t = self._quic_timer()
         if t is not None and now >= t:
             self.quic.handle_timer(now)
+            self._quic_timer_stale = True
         t = self.session.get_timer()
         if t is not None and now >= t:
             self.session.handle_timer(now)
@@ -382,13 +445,13 @@ class EdgeEndpoint:
 
     def wrote_to_quic(self) -> None:
         """Something was written to ``quic`` directly (tests, tools): send it next time."""
-        self._dirty = True
+        self._dirty = self._quic_timer_stale = True
 
     def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """Close the connection (GOING_AWAY on shutdown)."""
         if not self.closed:
             self.quic.close(error_code=int(code), reason_phrase=reason)
-            self._dirty = True
+            self._dirty = self._quic_timer_stale = True
 
     def _count_packets(self) -> None:
         """Count sent and lost packets for the heartbeat's loss estimate (aioquic keeps no
@@ -450,7 +513,7 @@ class EdgeEndpoint:
             except WireError as exc:
                 self.session.close(exc.code, exc.reason)
                 self.quic.close(error_code=int(exc.code), reason_phrase=exc.reason)
-                self._dirty = True
+                self._dirty = self._quic_timer_stale = True
         elif isinstance(ev, qe.ConnectionTerminated):
             self._on_terminated(ev)
 
@@ -473,13 +536,13 @@ class EdgeEndpoint:
             sending = True
         if sending:
             _ack_with_next_packet(self.quic, now)
-            self._dirty = True
+            self._dirty = self._quic_timer_stale = True
         while (ev := self.session.next_event()) is not None:
             self._events.append(ev)
             if isinstance(ev, SessionClosed) and not self.closed:
                 # the session gave up (no WELCOME, hub silent, protocol error): so does QUIC
                 self.quic.close(error_code=int(ev.code), reason_phrase=ev.reason)
-                self._dirty = True
+                self._dirty = self._quic_timer_stale = True
                 self.closed = True
                 self._events.append(ConnectionLost(int(ev.code), ev.reason, 0, self.handshake_done))
         if self.quic._state is QuicConnectionState.TERMINATED and not self.closed:
@@ -847,7 +910,8 @@ class HubEndpoint:
                 conn.quic.close(error_code=int(closing.code), reason_phrase=closing.reason)
         if not (received and not frames and conn.settled and _ack_held(conn.quic, now)):
             self._dirty[conn] = None
-        self._arm(conn)
+        if conn not in self._dirty:  # a dirty one: when its datagrams are taken (_take)
+            self._arm(conn)
 
     def _arm(self, conn: HubConnection) -> None:
         times = [conn.quic.get_timer(), conn.handshake_deadline]
@@ -922,8 +986,16 @@ class HubEndpoint:
             self._arm(conn)
         return out
 
+    def _arm_dirty(self) -> None:
+        """Arm the connections touched since the last ``datagrams_to_send`` (which arms
+        them as it takes their datagrams): the timer is asked for before it."""
+        for conn in self._dirty:
+            self._arm(conn)
+
     def get_timer(self) -> float | None:
         """The earliest deadline over all connections."""
+        if self._dirty:
+            self._arm_dirty()
         while self._timers:
             t, cid = self._timers[0]
             conn = self.connections.get(cid)
@@ -935,6 +1007,8 @@ class HubEndpoint:
     def handle_timer(self, now: float) -> None:
         """Run every connection whose deadline has passed (each once per call)."""
         self._last_now = now
+        if self._dirty:
+            self._arm_dirty()
         due: list[HubConnection] = []
         while self._timers and self._timers[0][0] <= now:
             t, cid = heapq.heappop(self._timers)

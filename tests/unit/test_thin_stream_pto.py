@@ -40,8 +40,11 @@ DELAY = 0.02  # one way
 class Pair:
     """One edge and one hub joined by a lossless link; either direction can go dark."""
 
-    def __init__(self, sender: SenderConfig | None = None) -> None:
+    def __init__(
+        self, sender: SenderConfig | None = None, ack_delay: float = 0.001, delay: float = DELAY
+    ) -> None:
         self.now = 1000.0
+        self.delay = delay  # one way
         ca, ca_key = certs.make_ca("test CA")
         hub_cert, hub_key = certs.make_hub_cert(ca, ca_key, ["localhost"])
         self.ledgers: dict[int, DeviceLedger] = {}
@@ -56,7 +59,9 @@ class Pair:
             sender or SenderConfig(linger_s=0.0),
             stats=lambda: {"sd": 0},
         )
-        self.edge = EdgeEndpoint(EdgeTls([ca], cert, key), session, HUB, self.now)
+        tls_files = EdgeTls([ca], cert, key)
+        self.edge = EdgeEndpoint(tls_files, session, HUB, self.now, ack_delay=ack_delay)
+        self.edge_addr = EDGE  # where the hub sees the edge's datagrams come from
         self.up_dark = False
         self.down_dark = False
         self._wire: list[tuple[float, bool, bytes]] = []  # (arrival, to_hub, data)
@@ -88,10 +93,10 @@ class Pair:
             pass
         for data, _ in self.edge.datagrams_to_send(self.now):
             if not self.up_dark:
-                self._wire.append((self.now + DELAY, True, data))
+                self._wire.append((self.now + self.delay, True, data))
         for data, _ in self.hub.datagrams_to_send(self.now):
             if not self.down_dark:
-                self._wire.append((self.now + DELAY, False, data))
+                self._wire.append((self.now + self.delay, False, data))
 
     def run(self, until: float) -> None:
         """Deliver, fire timers and send, in time order, up to ``until``."""
@@ -108,7 +113,7 @@ class Pair:
             self._wire = [w for w in self._wire if w[0] > self.now]
             for _, to_hub, data in due:
                 if to_hub:
-                    self.hub.receive_datagram(data, EDGE, self.now)
+                    self.hub.receive_datagram(data, self.edge_addr, self.now)
                 else:
                     self.edge.receive_datagram(data, HUB, self.now)
             for ep in (self.edge, self.hub):
