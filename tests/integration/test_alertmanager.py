@@ -249,6 +249,13 @@ def test_low_battery_fires_in_alertmanager_is_resent_and_resolves(
             assert abs(parse_time(ended["startsAt"]) - starts) < 0.002
             fired_notes = [n for n in notes if n["status"] == "firing"]
             assert len(fired_notes) == 1  # one page for the whole episode
+
+            # The resolved alert went into the log as a record after the one that cleared
+            # it; the consumer reads past it (its own output, not matched) on its next poll.
+            async def caught_up() -> bool:
+                return log.consumer_offset("alerts") == log.next_offset - 1
+
+            await until(caught_up, "the consumer to read past its own resolved alert")
         finally:
             consumer.close()
             await asyncio.wait_for(task, 10)
