@@ -72,6 +72,32 @@ def machine() -> dict[str, Any]:
     }
 
 
+HOST_LOOP = 10_000_000  # multiply-adds of the host-speed reference loop
+
+
+def _host_loop() -> float:
+    t0 = time.process_time()
+    x = 0
+    for i in range(HOST_LOOP):
+        x += i * 3
+    return time.process_time() - t0
+
+
+def host_loop_s() -> list[float]:
+    """CPU seconds a fixed pure-Python loop takes on each CPU, all of them at once.
+
+    These VMs' speed moves by a third or more from minute to minute (another tenant on the
+    physical cores); a run's figures are comparable with another's only next to this.
+    Both CPUs at once, as a two-process run uses them: one CPU alone can look fast while
+    the pair is slow.  About 1 s; slower is a slower host.
+    """
+    import multiprocessing
+
+    n = os.cpu_count() or 1
+    with multiprocessing.get_context("fork").Pool(n) as pool:
+        return sorted(round(t, 2) for t in pool.starmap(_host_loop, [()] * n))
+
+
 def machine_line(m: dict[str, Any]) -> str:
     """One line for the human-readable report."""
     return (

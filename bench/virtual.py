@@ -8,6 +8,9 @@ one process: the real edge and hub cores, aioquic without sockets, SQLite spools
 log on tmpfs.  ``virtual_speedup`` is simulated seconds per wall second of the run
 (PKI setup excluded); ``virtual_speedup_cpu`` divides by the process's CPU time
 instead, the figure a dedicated core gives on a machine shared with other work.
+``--host-check`` times a fixed loop on both CPUs at once before and after the run
+(``host_loop_s``): this VM's speed moves by a third and more from minute to minute, and a
+run's figure means something only next to it.
 ``--profile`` adds where the CPU went, by package (cProfile, which itself slows the
 run by about half).
 
@@ -28,7 +31,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from _common import machine, machine_line  # also puts the repo first on sys.path
+from _common import host_loop_s, machine, machine_line  # also puts the repo first on sys.path
 
 from edge.config import SenderSettings
 from simulator.vedge import EdgeSettings
@@ -72,6 +75,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.linger_ms is not None:
         cfg.edge = EdgeSettings(sender=SenderSettings(linger_ms=args.linger_ms, heartbeat_s=5.0))
+    host_before = host_loop_s() if args.host_check else None
     prof = cProfile.Profile(time.process_time) if args.profile else None
     with work_directory(None) as workdir:
         fleet = VirtualFleet(cfg, workdir)
@@ -108,6 +112,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "duplicates": report["duplicates"],
         "machine": machine(),
     }
+    if host_before is not None:
+        out["host_loop_s"] = {"before": host_before, "after": host_loop_s()}
     if prof is not None:
         out["cpu_by_package_pct"] = dict(_profile_table(prof))
     return out
@@ -130,6 +136,11 @@ def main() -> int:
     )
     ap.add_argument("--linger-ms", type=int, help="sender linger (default: the fleet's 1000)")
     ap.add_argument("--profile", action="store_true", help="CPU by package (cProfile)")
+    ap.add_argument(
+        "--host-check",
+        action="store_true",
+        help="time a fixed loop on every CPU at once before and after the run (the host's speed)",
+    )
     args = ap.parse_args()
     r = run(args)
     if args.json:
@@ -150,6 +161,9 @@ def main() -> int:
         f"  virtual_speedup {r['virtual_speedup']}x wall, {r['virtual_speedup_cpu']}x CPU "
         f"({verdict} the {TARGET_SPEEDUP:.0f}x target)"
     )
+    if "host_loop_s" in r:
+        h = r["host_loop_s"]
+        print(f"  host loop (s per CPU, all at once): before {h['before']}, after {h['after']}")
     for group, pct in r.get("cpu_by_package_pct", {}).items():
         print(f"    {pct:5.1f}%  {group}")
     return 0
