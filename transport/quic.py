@@ -144,8 +144,10 @@ def _nothing_urgent(quic: QuicConnection, now: float) -> bool:
     send, which the edge holds for its next batch, and asking aioquic for datagrams finds
     none (~20 us).  Anything else it might have must go now: a retransmission the ACK
     frame made due (lost data goes back to its stream's pending ranges), data the
-    congestion window held, a PATH_RESPONSE, a probe, a close, a raised flow-control limit,
-    connection IDs.  Each of those is checked here, so this answers False for them.
+    congestion window or pacing held, a PATH_RESPONSE, a probe or PING, a close, a raised
+    flow-control or stream limit, connection IDs, a RESET_STREAM or STOP_SENDING.  Each
+    of those is checked here, so this answers False for them.  (Not checked, as a client
+    of a hub that advertises no preferred address never has them: probing a new path.)
     """
     space = quic._spaces.get(tls.Epoch.ONE_RTT)
     q: Any = quic
@@ -165,6 +167,8 @@ def _nothing_urgent(quic: QuicConnection, now: float) -> bool:
         return False
     max_data = q._local_max_data
     if max_data.used * 2 > max_data.value or max_data.value != max_data.sent:
+        return False
+    if any(lim.value != lim.sent for lim in (q._local_max_streams_bidi, q._local_max_streams_uni)):
         return False
     if any(not c.was_sent for c in q._host_cids):
         return False

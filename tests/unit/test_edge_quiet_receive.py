@@ -130,3 +130,36 @@ def test_the_hub_arms_a_touched_connection_whose_datagrams_are_not_taken_yet() -
     assert pair.hub.get_timer() == due  # before datagrams_to_send
     pair.hub.handle_timer(due)
     assert pair.hub.datagrams_to_send(due)  # the commit ACK, with the QUIC ACK
+
+
+def test_the_edges_cached_quic_timer_is_never_stale() -> None:
+    """After every call that can change aioquic's deadline (a datagram in, datagrams out, a
+    timer, records sent, probes into a dark link), the endpoint's cached timer is aioquic's."""
+    pair = _established(SenderConfig(linger_s=0.2), ack_delay=1.0)
+    edge: Any = pair.edge
+    checked: list[str] = []
+
+    def checking(name: str) -> None:
+        call = getattr(edge, name)
+
+        def wrapper(*args: Any) -> Any:
+            out = call(*args)
+            assert edge._quic_timer() == edge.quic.get_timer(), f"stale after {name}"
+            checked.append(name)
+            return out
+
+        setattr(edge, name, wrapper)
+
+    for name in ("receive_datagram", "datagrams_to_send", "handle_timer", "poll"):
+        checking(name)
+    for _ in range(3):
+        pair.publish()
+        pair.run(pair.now + 0.5)
+    pair.down_dark = True  # ACKs lost: probe timeouts fire and retransmit
+    for _ in range(2):
+        pair.publish()
+        pair.run(pair.now + 3.0)
+    pair.down_dark = False
+    pair.run(pair.now + 5.0)
+    assert pair.ledgers[1].lanes[LANE].committed == 5
+    assert {"receive_datagram", "datagrams_to_send", "handle_timer", "poll"} <= set(checked)
