@@ -69,6 +69,7 @@ class ServerLimits:
     handshake_timeout_s: float = 10.0
     max_tickets: int = 100_000
     udp_receive_buffer_bytes: int = 4 << 20
+    stateless_resets_per_s: int = 1000  # answers to packets of unknown connections; 0: none
 
     def validate(self) -> None:
         """Reject bounds that would refuse every device or never time out."""
@@ -84,6 +85,8 @@ class ServerLimits:
             raise ValueError("server.max_tickets must not be negative")
         if self.udp_receive_buffer_bytes < 65_536:
             raise ValueError("server.udp_receive_buffer_bytes must be at least 65536")
+        if self.stateless_resets_per_s < 0:
+            raise ValueError("server.stateless_resets_per_s must not be negative")
 
 
 @dataclass(slots=True)

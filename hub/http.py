@@ -102,6 +102,16 @@ class HubCollector:
         yield counter(
             "squall_hub_unknown_cid_datagrams", "Datagrams for no connection", ep["unknown_cid"]
         )
+        yield counter(
+            "squall_hub_stateless_resets",
+            "Stateless resets sent for packets of unknown connections (a restarted hub's devices)",
+            ep["stateless_resets"],
+        )
+        yield counter(
+            "squall_hub_stateless_resets_limited",
+            "Packets of unknown connections left unanswered: over limits.stateless_resets_per_s",
+            ep["stateless_resets_limited"],
+        )
         yield counter("squall_hub_busy_refused", "Connections refused as busy", ep["busy_refused"])
         yield counter("squall_hub_auth_failed", "Refused device authentications", ep["auth_failed"])
         yield counter(

@@ -209,6 +209,7 @@ def endpoint_limits(server: ServerLimits, limits: DeviceLimits) -> HubLimits:
         max_streams=limits.max_streams,
         idle_timeout_s=server.idle_timeout_s,
         handshake_timeout_s=server.handshake_timeout_s,
+        stateless_resets_per_s=server.stateless_resets_per_s,
     )
 
 

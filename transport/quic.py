@@ -11,7 +11,9 @@ by connection ID, so a device keeps its session across NAT rebinding.
 from __future__ import annotations
 
 import functools
+import hashlib
 import heapq
+import hmac
 import itertools
 import logging
 import os
@@ -47,7 +49,7 @@ from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import MAX_ACK_RANGES, QuicPacketRecovery, QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from transport.auth import Clock, TicketStore, require_client_certificate, wall_clock
 from transport.certs import DeviceIdentity, PrivateKey
@@ -99,6 +101,71 @@ HUB_ACK_DELAY_S = 0.020
 EDGE_ACK_DELAY_MAX_S = 1.0
 ACK_EVERY = 2
 _ADVERTISED_SLACK_MS = 25  # timer lateness allowed on top of the edge's ack delay
+
+
+# Stateless resets (RFC 9000 section 10.3).  A restarted hub no longer knows the devices'
+# connections: it dropped their packets, and each device noticed only once the hub had been
+# silent for its hub_silence_s (30 s by default), its records waiting in the spool.  The hub
+# answers a short-header packet for a connection ID it issued but no longer knows with a
+# stateless reset, and the edge, recognising the token the hub gave it for that connection
+# ID, reconnects at once.  Both rest on a key derived from the hub's TLS private key, so
+# a restarted hub (same key) knows what the old one handed out, and nobody else can forge:
+# - a hub connection ID is 4 random bytes and a MAC of them: the hub answers only packets
+#   that carry one of its own IDs, never junk or a spoofed sender's random bytes;
+# - the reset token of a connection ID is an HMAC of it.
+# A reset is shorter than the packet it answers (no loops between two endpoints), at most
+# RESET_MAX_BYTES, and at most HubLimits.stateless_resets_per_s are sent (the rest are
+# counted and dropped).
+RESET_MIN_BYTES = 21  # a short header's first byte, 4 unpredictable bytes, the 16-byte token
+RESET_MAX_BYTES = 43
+_RESET_TOKEN_BYTES = 16
+_RESET_KEY_LABEL = b"squall stateless reset key v1"
+_CID_RANDOM_BYTES = 4  # of a hub connection ID; the rest (4 of the default 8) is the MAC
+
+
+def reset_key(key: PrivateKey) -> bytes:
+    """The hub's stateless-reset key: a hash of its TLS private key (stable across restarts)."""
+    der = key.private_bytes(Encoding.DER, PrivateFormat.PKCS8, NoEncryption())
+    return hashlib.sha256(_RESET_KEY_LABEL + der).digest()
+
+
+def reset_token(key: bytes, cid: bytes) -> bytes:
+    """The stateless reset token the hub gives out with connection ID ``cid``."""
+    return hmac.new(key, b"token" + cid, hashlib.sha256).digest()[:_RESET_TOKEN_BYTES]
+
+
+def hub_cid(key: bytes, length: int) -> bytes:
+    """A new connection ID of ``length`` bytes that ``cid_is_ours`` recognises."""
+    head = os.urandom(_CID_RANDOM_BYTES)
+    return head + hmac.new(key, b"cid" + head, hashlib.sha256).digest()[: length - len(head)]
+
+
+def cid_is_ours(key: bytes, cid: bytes) -> bool:
+    """True when ``cid`` was made by ``hub_cid`` with this key (by chance: 2**-32)."""
+    head, tag = cid[:_CID_RANDOM_BYTES], cid[_CID_RANDOM_BYTES:]
+    want = hmac.new(key, b"cid" + head, hashlib.sha256).digest()[: len(tag)]
+    return len(tag) >= 4 and hmac.compare_digest(tag, want)
+
+
+def _is_stateless_reset(quic: QuicConnection, data: bytes) -> bool:
+    """True when ``data`` ends in a reset token the peer issued for this connection.
+
+    A reset looks like a short-header packet; its last 16 bytes are the token (a real
+    packet's last 16 bytes are its AEAD tag: matching one by chance is a 2**-128 event).
+    """
+    if len(data) < RESET_MIN_BYTES or data[0] & 0x80:
+        return False
+    q: Any = quic
+    tail = data[-_RESET_TOKEN_BYTES:]
+    tokens = [
+        q._peer_cid.stateless_reset_token,
+        *(c.stateless_reset_token for c in q._peer_cid_available),
+    ]
+    found = False
+    for token in tokens:
+        if token and hmac.compare_digest(tail, token):
+            found = True  # every token compared: the time taken says nothing of which
+    return found
 
 
 def edge_ack_delay(linger_s: float) -> float:
@@ -315,8 +382,15 @@ class EdgeTls:
     server_name: str = "localhost"
 
 
+@dataclass
+class _HubConfiguration(QuicConfiguration):
+    """aioquic's configuration, shared by a hub's connections, with its reset key."""
+
+    reset_key: bytes | None = None
+
+
 def _base_config(is_client: bool, idle_timeout: float) -> QuicConfiguration:
-    return QuicConfiguration(
+    return (QuicConfiguration if is_client else _HubConfiguration)(
         is_client=is_client,
         alpn_protocols=[ALPN],
         max_datagram_frame_size=MAX_HEARTBEAT_BYTES + 100,
@@ -374,12 +448,21 @@ class EdgeEndpoint:
         self._events: deque[Connected | ConnectionLost | SessionEvent] = deque()
         self.handshake_done = False
         self.closed = False
+        self.reset_by_hub = False  # a stateless reset ended the connection: silent from then
         self.session.poll(now)  # what is spooled rides the first flight, as 0-RTT data
         self._pump(now)
 
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         """A UDP datagram from the hub."""
+        if self.reset_by_hub:
+            return  # the connection is over; nothing more goes in or out
         confirmed, lost = self.handshake_done, self.packets_lost
+        if confirmed and not self.closed and _is_stateless_reset(self.quic, data):
+            self.reset_by_hub = True
+            self._dirty = False
+            reason = "stateless reset: the hub no longer knows this connection (restarted?)"
+            self._on_terminated(qe.ConnectionTerminated(0, None, reason))
+            return
         self.quic.receive_datagram(data, addr, now)
         self._quic_timer_stale = True
         self._unacked = _count_for_ack(self.quic, self._unacked, now)
@@ -398,7 +481,7 @@ class EdgeEndpoint:
         datagram in, a timer, frames or a close written to it.  A poll that wrote
         nothing leaves it alone (its ACK and loss timers come through ``handle_timer``).
         """
-        if not self._dirty:
+        if not self._dirty or self.reset_by_hub:
             return []
         self._dirty = False
         self._quic_timer_stale = True
@@ -409,6 +492,8 @@ class EdgeEndpoint:
 
     def get_timer(self) -> float | None:
         """The earliest deadline of the QUIC connection and the session."""
+        if self.reset_by_hub:
+            return None
         q, s = self._quic_timer(), self.session.get_timer()
         return s if q is None else q if s is None or q < s else s
 
@@ -421,6 +506,8 @@ class EdgeEndpoint:
 
     def handle_timer(self, now: float) -> None:
         """Run whatever is due."""
+        if self.reset_by_hub:
+            return
         self._dirty = True
         t = self._quic_timer()
         if t is not None and now >= t:
@@ -584,6 +671,9 @@ class HubLimits:
     max_pending_frames: int = 64  # frames held before the identity is known; beyond: close
     handshake_timeout_s: float = 10.0  # unfinished by then: dropped, its handshake slot freed
     max_streams: int = DEFAULT_MAX_STREAMS  # per device; one more: PROTOCOL_VIOLATION, close
+    # stateless resets sent per second (packets for no connection: a restarted hub's
+    # devices); beyond: dropped unanswered, counted (stateless_resets_limited)
+    stateless_resets_per_s: int = 1000
 
 
 @dataclass(eq=False, slots=True)
@@ -664,6 +754,9 @@ class HubEndpoint:
         self._cfg.certificate = tls_files.cert
         self._cfg.private_key = tls_files.key
         self._handshake_bytes = handshake_flight_bytes(tls_files.cert, self._cfg.certificate_chain)
+        self._reset_key = reset_key(tls_files.key)
+        self._cfg.reset_key = self._reset_key  # type: ignore[attr-defined]
+        self._resets_window = (0.0, 0)  # (start of the current second, resets sent in it)
         self._roots = tls_files.device_roots
         self._make_session = make_session
         self._authorize = authorize
@@ -695,6 +788,8 @@ class HubEndpoint:
                 "handshake_timeouts",
                 "handshake_errors",
                 "tls_backlog_exceeded",
+                "stateless_resets",
+                "stateless_resets_limited",
             ),
             0,
         )
@@ -733,6 +828,8 @@ class HubEndpoint:
         if conn is None:
             if header.packet_type != QuicPacketType.INITIAL or len(data) < _MIN_INITIAL_DATAGRAM:
                 self.counters["unknown_cid"] += 1
+                if header.packet_type == QuicPacketType.ONE_RTT:
+                    self._stateless_reset(header.destination_cid, len(data), addr, now)
                 return
             conn = self._accept(header, data, addr, now)
             if conn is None:
@@ -753,6 +850,24 @@ class HubEndpoint:
             self._forget(conn)
             return
         self._after_input(conn, now, received=True)
+
+    def _stateless_reset(self, cid: bytes, size: int, addr: Address, now: float) -> None:
+        """Answer a short-header packet for a connection this hub's key issued but that it
+        does not know (see RESET_MIN_BYTES); anything else gets no answer."""
+        length = min(size - 1, RESET_MAX_BYTES)
+        if length < RESET_MIN_BYTES or not cid_is_ours(self._reset_key, cid):
+            return  # a reset must be shorter than what it answers, and no shorter than this
+        start, sent = self._resets_window
+        if now - start >= 1.0:
+            start, sent = now, 0
+        if sent >= self.limits.stateless_resets_per_s:
+            self.counters["stateless_resets_limited"] += 1
+            return
+        self._resets_window = (start, sent + 1)
+        self.counters["stateless_resets"] += 1
+        head = os.urandom(length - _RESET_TOKEN_BYTES)  # looks like any short-header packet
+        first = bytes([0x40 | (head[0] & 0x3F)])
+        self._stateless.append((first + head[1:] + reset_token(self._reset_key, cid), addr))
 
     def _accept(self, header: Any, data: bytes, addr: Address, now: float) -> HubConnection | None:
         handshaking = self.handshaking
@@ -1609,14 +1724,41 @@ class _HubQuic(QuicConnection):
 
     def __init__(self, *, handshake_bytes: int = 16384, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        q: Any = self
+        key = self._reset_key()
+        if key is not None:
+            # before any packet is built; the first ID's token travels in the transport
+            # parameters, the others' in NEW_CONNECTION_ID frames (_derive_reset_tokens)
+            first: Any = self._host_cids[0]
+            first.cid = self.host_cid = hub_cid(key, len(first.cid))
+            first.stateless_reset_token = reset_token(key, first.cid)
+            q._local_initial_source_connection_id = first.cid  # what the client checks
         if not _lean_ok():
             return
         self._handshake_bytes = handshake_bytes
         _FrameHandlers.install(self)
-        q: Any = self
         q._events = _small(q._events)
         q._datagrams_pending = _small(q._datagrams_pending)
         q._local_active_connection_id_limit = _HUB_ACTIVE_CIDS
+
+    def _reset_key(self) -> bytes | None:
+        """The hub's reset key, if its connection IDs are long enough to carry a MAC."""
+        if self._configuration.connection_id_length < 2 * _CID_RANDOM_BYTES:
+            return None
+        key: bytes | None = getattr(self._configuration, "reset_key", None)
+        return key
+
+    def _derive_reset_tokens(self) -> None:
+        """Give connection IDs not yet announced the hub's kind of ID and derived reset
+        token (aioquic draws random ones, which a restarted hub could not recognise)."""
+        key = self._reset_key()
+        if key is None:
+            return
+        q: Any = self
+        for c in q._host_cids:
+            if not c.was_sent and not cid_is_ours(key, c.cid):
+                c.cid = hub_cid(key, len(c.cid))
+                c.stateless_reset_token = reset_token(key, c.cid)
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
@@ -1647,6 +1789,7 @@ class _HubQuic(QuicConnection):
                 q._remote_active_connection_id_limit, _HUB_ACTIVE_CIDS
             )
         super()._replenish_connection_ids()
+        self._derive_reset_tokens()  # before NEW_CONNECTION_ID frames carry them
 
 
 def _initial_close(header: Any, reason: str) -> bytes:

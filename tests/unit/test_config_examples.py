@@ -65,6 +65,13 @@ def test_max_streams_reaches_the_quic_endpoint(tmp_path: Path) -> None:
     assert endpoint_limits(cfg.server, cfg.limits).max_streams == 2
 
 
+def test_stateless_resets_per_s_reaches_the_quic_endpoint(tmp_path: Path) -> None:
+    path = tmp_path / "hub.yaml"
+    path.write_text("tls: {cert: a, key: b, device_ca: c}\nserver: {stateless_resets_per_s: 7}\n")
+    cfg = build(HubConfig, load_yaml(path), path=str(path))
+    assert endpoint_limits(cfg.server, cfg.limits).stateless_resets_per_s == 7
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
@@ -75,6 +82,7 @@ def test_max_streams_reaches_the_quic_endpoint(tmp_path: Path) -> None:
         ("handshake_timeout_s", -1.0, "handshake_timeout_s must be positive"),
         ("max_tickets", -5, "max_tickets must not be negative"),
         ("udp_receive_buffer_bytes", 1024, "udp_receive_buffer_bytes must be at least 65536"),
+        ("stateless_resets_per_s", -1, "stateless_resets_per_s must not be negative"),
     ],
 )
 def test_server_bounds_out_of_range_are_refused(

@@ -48,7 +48,9 @@ class Pair:
         ca, ca_key = certs.make_ca("test CA")
         hub_cert, hub_key = certs.make_hub_cert(ca, ca_key, ["localhost"])
         self.ledgers: dict[int, DeviceLedger] = {}
-        self.hub = HubEndpoint(HubTls(hub_cert, hub_key, [ca]), self._session, _allow)
+        self.ca, self.ca_key = ca, ca_key
+        self.hub_tls = HubTls(hub_cert, hub_key, [ca])
+        self.hub = HubEndpoint(self.hub_tls, self._session, _allow)
         cert, key = certs.make_device_cert(ca, ca_key, "acme", "truck-1")
         self.outbox = MemoryOutbox()
         self.seq = 0
@@ -104,7 +106,7 @@ class Pair:
         while True:
             timers = [t for t in (self.edge.get_timer(), self.hub.get_timer()) if t is not None]
             arrivals = [a for a, _, _ in self._wire]
-            at = min(timers + arrivals, default=until)
+            at = min(timers + arrivals, default=until + 1)  # nothing pending: done
             if at > until:
                 self.now = until
                 return
