@@ -110,8 +110,9 @@ _ADVERTISED_SLACK_MS = 25  # timer lateness allowed on top of the edge's ack del
 # stateless reset, and the edge, recognising the token the hub gave it for that connection
 # ID, reconnects at once.  Both rest on a key derived from the hub's TLS private key, so
 # a restarted hub (same key) knows what the old one handed out, and nobody else can forge:
-# - a hub connection ID is 4 random bytes and a MAC of them: the hub answers only packets
-#   that carry one of its own IDs, never junk or a spoofed sender's random bytes;
+# - a hub connection ID is 8 random bytes and a MAC of them: the hub answers only packets
+#   that carry one of its own IDs, never junk or a spoofed sender's random bytes (one who
+#   connected and so learned IDs of this hub can have it answer, at the rate limit);
 # - the reset token of a connection ID is an HMAC of it.
 # A reset is shorter than the packet it answers (no loops between two endpoints), at most
 # RESET_MAX_BYTES, and at most HubLimits.stateless_resets_per_s are sent (the rest are
@@ -120,7 +121,10 @@ RESET_MIN_BYTES = 21  # a short header's first byte, 4 unpredictable bytes, the 
 RESET_MAX_BYTES = 43
 _RESET_TOKEN_BYTES = 16
 _RESET_KEY_LABEL = b"squall stateless reset key v1"
-_CID_RANDOM_BYTES = 4  # of a hub connection ID; the rest (4 of the default 8) is the MAC
+# A hub connection ID: 8 random bytes (among 10,000 devices' 20,000 live IDs, two alike once
+# in ~2**37 draws) and a 4-byte MAC; 12 bytes in all, 4 more than aioquic's default
+HUB_CID_BYTES = 12
+_CID_RANDOM_BYTES = 8
 
 
 def reset_key(key: PrivateKey) -> bytes:
@@ -141,7 +145,7 @@ def hub_cid(key: bytes, length: int) -> bytes:
 
 
 def cid_is_ours(key: bytes, cid: bytes) -> bool:
-    """True when ``cid`` was made by ``hub_cid`` with this key (by chance: 2**-32)."""
+    """True when ``cid`` was made by ``hub_cid`` with this key (by chance: 2**-32 at most)."""
     head, tag = cid[:_CID_RANDOM_BYTES], cid[_CID_RANDOM_BYTES:]
     want = hmac.new(key, b"cid" + head, hashlib.sha256).digest()[: len(tag)]
     return len(tag) >= 4 and hmac.compare_digest(tag, want)
@@ -155,17 +159,10 @@ def _is_stateless_reset(quic: QuicConnection, data: bytes) -> bool:
     """
     if len(data) < RESET_MIN_BYTES or data[0] & 0x80:
         return False
+    # only the ID in use: RFC 9000 10.3.1 forbids checking tokens of IDs never used
     q: Any = quic
-    tail = data[-_RESET_TOKEN_BYTES:]
-    tokens = [
-        q._peer_cid.stateless_reset_token,
-        *(c.stateless_reset_token for c in q._peer_cid_available),
-    ]
-    found = False
-    for token in tokens:
-        if token and hmac.compare_digest(tail, token):
-            found = True  # every token compared: the time taken says nothing of which
-    return found
+    token = q._peer_cid.stateless_reset_token
+    return bool(token) and hmac.compare_digest(data[-_RESET_TOKEN_BYTES:], token)
 
 
 def edge_ack_delay(linger_s: float) -> float:
@@ -751,6 +748,7 @@ class HubEndpoint:
     ) -> None:
         self.limits = limits or HubLimits()
         self._cfg = _base_config(False, self.limits.idle_timeout_s)
+        self._cfg.connection_id_length = HUB_CID_BYTES
         self._cfg.certificate = tls_files.cert
         self._cfg.private_key = tls_files.key
         self._handshake_bytes = handshake_flight_bytes(tls_files.cert, self._cfg.certificate_chain)
@@ -1095,6 +1093,13 @@ class HubEndpoint:
 
     def _take(self, conn: HubConnection, now: float) -> list[tuple[bytes, Address]]:
         out = [(d, a) for d, a in conn.quic.datagrams_to_send(now)]
+        # IDs it announced just now route here at once (their ConnectionIdIssued events are
+        # read with the next input): a device may switch to one in its very next packet, and
+        # an ID of ours that routes nowhere is answered with a stateless reset
+        q: Any = conn.quic
+        for c in q._host_cids:
+            if c.cid not in conn.cids:
+                self._register_cid(conn, c.cid)
         if out:
             conn.unacked = _count_after_send(conn.quic, conn.unacked)
         if conn.quic._state is QuicConnectionState.TERMINATED:
@@ -1264,9 +1269,12 @@ _PINNED: dict[str, tuple[str, ...]] = {
         "_is_client",
         "_local_active_connection_id_limit",
         "_logger",
+        "_host_cids",
+        "_local_initial_source_connection_id",
         "_loss",
         "_network_paths",
         "_original_destination_connection_id",
+        "_peer_cid",
         "_ping_pending",
         "_quic_logger",
         "_remote_active_connection_id_limit",
@@ -1742,8 +1750,9 @@ class _HubQuic(QuicConnection):
         q._local_active_connection_id_limit = _HUB_ACTIVE_CIDS
 
     def _reset_key(self) -> bytes | None:
-        """The hub's reset key, if its connection IDs are long enough to carry a MAC."""
-        if self._configuration.connection_id_length < 2 * _CID_RANDOM_BYTES:
+        """The hub's reset key, if its connection IDs are long enough to carry a MAC and
+        this aioquic has the internals the IDs are set through."""
+        if self._configuration.connection_id_length < _CID_RANDOM_BYTES + 4 or not _lean_ok():
             return None
         key: bytes | None = getattr(self._configuration, "reset_key", None)
         return key

@@ -406,7 +406,8 @@ def junk_phases(initial: bytes, rng: random.Random, burst: int) -> list[Phase]:
         ),
         Phase(
             "short header, random connection id",
-            [bytes(QUIC_1RTT(PacketNumber=7) / Raw(load=rng.randbytes(n))) for n in (8, 60, 1300)],
+            # long enough to hold a hub connection ID (12 bytes); shorter ones are junk
+            [bytes(QUIC_1RTT(PacketNumber=7) / Raw(load=rng.randbytes(n))) for n in (16, 60, 1300)],
             "unknown_cid",
         ),
         Phase(

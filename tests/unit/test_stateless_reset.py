@@ -14,6 +14,7 @@ from typing import Any
 from tests.unit.test_thin_stream_pto import LANE, Pair, _allow
 from transport import certs
 from transport.quic import (
+    HUB_CID_BYTES,
     RESET_MAX_BYTES,
     RESET_MIN_BYTES,
     HubEndpoint,
@@ -123,7 +124,7 @@ def test_resets_are_shorter_than_what_they_answer_and_look_like_short_headers() 
         (30, 29),
         (1200, RESET_MAX_BYTES),
     ):
-        cid = hub_cid(key, 8)
+        cid = hub_cid(key, HUB_CID_BYTES)
         hub.receive_datagram(_short_header(cid, size), ADDR, pair.now)
         out = hub.datagrams_to_send(pair.now)
         if want is None:
@@ -139,7 +140,7 @@ def test_junk_and_connection_ids_the_hub_never_issued_get_no_reset() -> None:
     """No reflection: only a packet carrying an ID made with this hub's key is answered."""
     pair = Pair()
     other = reset_key(certs.make_hub_cert(pair.ca, pair.ca_key, ["localhost"])[1])
-    for cid in (os.urandom(8), hub_cid(other, 8), bytes(8)):
+    for cid in (os.urandom(HUB_CID_BYTES), hub_cid(other, HUB_CID_BYTES), bytes(HUB_CID_BYTES)):
         pair.hub.receive_datagram(_short_header(cid, 200), ADDR, pair.now)
     for _ in range(50):
         pair.hub.receive_datagram(bytes([0x40]) + os.urandom(99), ADDR, pair.now)  # random
@@ -161,9 +162,35 @@ def test_resets_are_rate_limited_and_counted() -> None:
     hub = HubEndpoint(pair.hub_tls, pair._session, _allow, HubLimits(stateless_resets_per_s=5))
     key = reset_key(pair.hub_tls.key)
     for _ in range(8):
-        hub.receive_datagram(_short_header(hub_cid(key, 8), 60), ADDR, pair.now)
+        hub.receive_datagram(_short_header(hub_cid(key, HUB_CID_BYTES), 60), ADDR, pair.now)
     assert len(hub.datagrams_to_send(pair.now)) == 5
     assert hub.counters["stateless_resets"] == 5
     assert hub.counters["stateless_resets_limited"] == 3
-    hub.receive_datagram(_short_header(hub_cid(key, 8), 60), ADDR, pair.now + 1.0)  # a new second
+    hub.receive_datagram(
+        _short_header(hub_cid(key, HUB_CID_BYTES), 60), ADDR, pair.now + 1.0
+    )  # a new second
     assert len(hub.datagrams_to_send(pair.now + 1.0)) == 1
+
+
+def test_a_device_that_switches_to_a_new_connection_id_at_once_is_not_reset() -> None:
+    """An ID the hub has just announced routes to its connection before the hub next reads
+    that connection's events: a device may use it in its very next packet (RFC 9000 5.1)."""
+    pair = Pair(SenderConfig(linger_s=0.0))
+    edge_q: Any = pair.edge.quic
+    receive = edge_q.receive_datagram
+    switched: list[bytes] = []
+
+    def receive_and_switch(data: bytes, addr: Any, now: float) -> None:
+        receive(data, addr, now)
+        if not switched and edge_q._peer_cid_available:
+            edge_q.change_connection_id()  # the moment a spare ID arrives
+            switched.append(edge_q._peer_cid.cid)
+
+    edge_q.receive_datagram = receive_and_switch
+    pair.run(pair.now + 1.0)
+    for _ in range(3):
+        pair.publish()
+        pair.run(pair.now + 0.5)
+    assert switched and pair.hub.counters["stateless_resets"] == 0
+    assert not pair.edge.reset_by_hub and not pair.edge.closed
+    assert pair.ledgers[1].lanes[LANE].committed == 3
