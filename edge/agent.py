@@ -57,6 +57,7 @@ class AgentStats:
     sent_batches: int = 0
     acked: int = 0
     reconnects: int = 0
+    stateless_resets: int = 0  # sessions a restarted hub ended (it no longer knew them)
     sessions: int = 0
     early_data_sessions: int = 0
     refused: int = 0
@@ -262,6 +263,9 @@ class Agent:
             elif isinstance(ev, ConnectionLost):
                 if ev.code >= 0x100 and not ev.handshake_done:
                     self._ticket_path.unlink(missing_ok=True)  # refused: start afresh
+                if endpoint.reset_by_hub:
+                    self.stats.stateless_resets += 1
+                    log.info("hub %s: %s", self.reconnector.current, ev.reason)
                 lost_box.append(ev)
                 if self._lost is not None:
                     self._lost.set()

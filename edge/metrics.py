@@ -48,6 +48,11 @@ class AgentCollector:
         )
         yield CounterMetricFamily("squall_edge_reconnects", "Reconnects", value=a.stats.reconnects)
         yield CounterMetricFamily(
+            "squall_edge_stateless_resets",
+            "Sessions a restarted hub ended with a stateless reset (reconnected at once)",
+            value=a.stats.stateless_resets,
+        )
+        yield CounterMetricFamily(
             "squall_edge_failovers",
             "Moves to the next hub of the placement order",
             value=a.reconnector.failovers,

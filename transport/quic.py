@@ -386,8 +386,10 @@ class _HubConfiguration(QuicConfiguration):
     reset_key: bytes | None = None
 
 
-def _base_config(is_client: bool, idle_timeout: float) -> QuicConfiguration:
-    return (QuicConfiguration if is_client else _HubConfiguration)(
+def _base_config(
+    is_client: bool, idle_timeout: float, kind: type[QuicConfiguration] = QuicConfiguration
+) -> Any:
+    return kind(
         is_client=is_client,
         alpn_protocols=[ALPN],
         max_datagram_frame_size=MAX_HEARTBEAT_BYTES + 100,
@@ -456,7 +458,6 @@ class EdgeEndpoint:
         confirmed, lost = self.handshake_done, self.packets_lost
         if confirmed and not self.closed and _is_stateless_reset(self.quic, data):
             self.reset_by_hub = True
-            self._dirty = False
             reason = "stateless reset: the hub no longer knows this connection (restarted?)"
             self._on_terminated(qe.ConnectionTerminated(0, None, reason))
             return
@@ -747,13 +748,14 @@ class HubEndpoint:
         tickets: TicketStore | None = None,
     ) -> None:
         self.limits = limits or HubLimits()
-        self._cfg = _base_config(False, self.limits.idle_timeout_s)
+        self._cfg: _HubConfiguration = _base_config(
+            False, self.limits.idle_timeout_s, _HubConfiguration
+        )
         self._cfg.connection_id_length = HUB_CID_BYTES
+        self._cfg.reset_key = reset_key(tls_files.key)  # its connections read it here too
         self._cfg.certificate = tls_files.cert
         self._cfg.private_key = tls_files.key
         self._handshake_bytes = handshake_flight_bytes(tls_files.cert, self._cfg.certificate_chain)
-        self._reset_key = reset_key(tls_files.key)
-        self._cfg.reset_key = self._reset_key  # type: ignore[attr-defined]
         self._resets_window = (0.0, 0)  # (start of the current second, resets sent in it)
         self._roots = tls_files.device_roots
         self._make_session = make_session
@@ -852,8 +854,9 @@ class HubEndpoint:
     def _stateless_reset(self, cid: bytes, size: int, addr: Address, now: float) -> None:
         """Answer a short-header packet for a connection this hub's key issued but that it
         does not know (see RESET_MIN_BYTES); anything else gets no answer."""
+        key = self._cfg.reset_key
         length = min(size - 1, RESET_MAX_BYTES)
-        if length < RESET_MIN_BYTES or not cid_is_ours(self._reset_key, cid):
+        if key is None or length < RESET_MIN_BYTES or not cid_is_ours(key, cid):
             return  # a reset must be shorter than what it answers, and no shorter than this
         start, sent = self._resets_window
         if now - start >= 1.0:
@@ -865,7 +868,7 @@ class HubEndpoint:
         self.counters["stateless_resets"] += 1
         head = os.urandom(length - _RESET_TOKEN_BYTES)  # looks like any short-header packet
         first = bytes([0x40 | (head[0] & 0x3F)])
-        self._stateless.append((first + head[1:] + reset_token(self._reset_key, cid), addr))
+        self._stateless.append((first + head[1:] + reset_token(key, cid), addr))
 
     def _accept(self, header: Any, data: bytes, addr: Address, now: float) -> HubConnection | None:
         handshaking = self.handshaking
@@ -1266,11 +1269,11 @@ _PINNED: dict[str, tuple[str, ...]] = {
         "_datagrams_pending",
         "_events",
         "_handshake_confirmed",
+        "_host_cids",
         "_is_client",
         "_local_active_connection_id_limit",
-        "_logger",
-        "_host_cids",
         "_local_initial_source_connection_id",
+        "_logger",
         "_loss",
         "_network_paths",
         "_original_destination_connection_id",

@@ -201,3 +201,56 @@ def test_hub_sigkill_during_ingest_from_20_devices(tmp_path: Path, pki: Path) ->
     )
     assert max(archived.values()) == 1, "the archive wrote a record twice"
     assert set(archived) == {(d, s) for d, last_seq in last.items() for s in range(1, last_seq + 1)}
+
+
+def test_a_restarted_hub_resets_the_agents_session_and_it_reconnects_at_once(
+    tmp_path: Path, pki: Path
+) -> None:
+    """SIGKILL the hub and start it again on the same port and key: the agent's next packet
+    gets a stateless reset and it reconnects at once, not after its hub-silence timeout
+    (3 heartbeats of 20 s here)."""
+    import asyncio
+
+    from edge.agent import Agent
+    from edge.config import load_edge_config
+    from edge.metrics import AgentCollector
+
+    hub_cfg = write_hub_config(tmp_path, pki)
+    hub_addr = yaml.safe_load(hub_cfg.read_text())["listen"]
+    edge_cfg = write_edge_config(
+        tmp_path, pki, "t1", [hub_addr], sender={"linger_ms": 10, "heartbeat_s": 20.0}
+    )
+    hub = start_hub(hub_cfg, tmp_path)
+
+    async def main() -> float:
+        agent = Agent(load_edge_config(edge_cfg))
+        agent.start()
+        try:
+            await agent.publish("telemetry.x", {"i": 0})
+            await asyncio.wait_for(agent.connected.wait(), 10)
+            while agent.stats.acked < 1:
+                await asyncio.sleep(0.05)
+            nonlocal hub
+            hub.send_signal(signal.SIGKILL)
+            hub.wait()
+            hub = start_hub(hub_cfg, tmp_path)  # the same port and TLS key
+            t0 = time.monotonic()
+            await agent.publish("telemetry.x", {"i": 1})
+            while agent.stats.acked < 2:
+                assert time.monotonic() - t0 < 20, "not delivered before the silence timeout"
+                await asyncio.sleep(0.05)
+            took = time.monotonic() - t0
+            assert agent.stats.stateless_resets == 1 and agent.stats.reconnects == 1
+            metrics = {m.name: m for m in AgentCollector(agent).collect()}
+            assert metrics["squall_edge_stateless_resets"].samples[0].value == 1
+            return took
+        finally:
+            await agent.stop()
+
+    try:
+        took = asyncio.run(main())
+    finally:
+        stop(hub)
+    assert took < 5.0, f"the second record took {took:.1f} s"
+    got = logged(tmp_path / "hub.db")
+    assert [seqs for (d, _), seqs in got.items() if d == "t1"] == [[1, 2]]
