@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -248,6 +249,22 @@ def write_edge_config(
     return path
 
 
+def apt_install(packages: list[str], who: str) -> None:
+    """Install Debian ``packages`` a bench needs (as root), saying so on stderr."""
+    if not packages:
+        return
+    print(f"{who}: installing Debian packages {' '.join(packages)}", file=sys.stderr)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    ok = shutil.which("apt-get") is not None
+    if ok:
+        # their output goes to stderr: stdout is for the report or the JSON
+        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False, stdout=sys.stderr)
+        args = ["apt-get", "install", "-y", "-qq", *packages]
+        ok = subprocess.run(args, env=env, check=False, stdout=sys.stderr).returncode == 0
+    if not ok:
+        raise BenchError(f"cannot install {' '.join(packages)}: needs root and the Debian archive")
+
+
 # --- child processes --------------------------------------------------------------------
 
 
@@ -360,6 +377,7 @@ class Hub(Child):
 
     ``uvloop`` and ``profile`` run the same ``main`` through a small launcher instead:
     under uvloop's event loop, and/or under cProfile writing ``profile`` at exit.
+    ``wrapper`` goes before the command (``valgrind --tool=callgrind ...``).
     """
 
     def __init__(
@@ -370,6 +388,7 @@ class Hub(Child):
         *,
         uvloop: bool = False,
         profile: Path | None = None,
+        wrapper: list[str] | None = None,
     ) -> None:
         self.files = files
         hub_args = ["hub", "--config", str(files.config), "--log-level", "warning"]
@@ -378,7 +397,7 @@ class Hub(Child):
             argv = [sys.executable, "-c", _HUB_LAUNCHER, loop, str(profile or ""), *hub_args]
         else:
             argv = [sys.executable, "-m", "transport.cli", *hub_args]
-        super().__init__("hub", argv, cpus, logdir)
+        super().__init__("hub", [*(wrapper or []), *argv], cpus, logdir)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Until the hub has printed its banner and answers /healthz."""

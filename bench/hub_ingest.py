@@ -323,7 +323,7 @@ class Load:
         new: list[Device] = []
         while len(self.devices) < total:
             i = len(self.devices)
-            name = f"load{self.worker}-{i:05d}"
+            name = self.device_name(i)
             cert, key = certs.make_device_cert(self.ca_cert, self.ca_key, TENANT, name)
             tls = EdgeTls([self.ca_cert], cert, key)
             outbox = EndlessOutbox(
@@ -339,6 +339,10 @@ class Load:
                 await asyncio.sleep(0)  # let handshakes already started make progress
         await asyncio.gather(*(self._connect(d, deadline) for d in new))
         self.conn.send(("connected", self._report()))
+
+    def device_name(self, i: int) -> str:
+        """The name of this process's ``i``-th device."""
+        return f"load{self.worker}-{i:05d}"
 
     async def _connect(self, d: Device, deadline: float) -> None:
         loop = asyncio.get_running_loop()

@@ -92,6 +92,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # first: it puts the repo first on sys.path
     BenchError,
+    apt_install,
     cpu_seconds,
     machine,
     machine_line,
@@ -147,17 +148,9 @@ def ensure_deps(systems: list[str]) -> None:
         apt.append("mosquitto")
     if "jetstream" in systems and which("nats-server") is None:
         apt.append("nats-server")
-    if apt:
-        print(f"bench/peers.py: installing Debian packages {' '.join(apt)}", file=sys.stderr)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        ok = shutil.which("apt-get") is not None
-        if ok:
-            # their output goes to stderr: stdout is for the report or the JSON
-            subprocess.run(["apt-get", "update", "-qq"], env=env, check=False, stdout=sys.stderr)
-            args = ["apt-get", "install", "-y", "-qq", *apt]
-            ok = subprocess.run(args, env=env, check=False, stdout=sys.stderr).returncode == 0
-        if not ok or any(which(p) is None for p in apt):
-            raise BenchError(f"cannot install {' '.join(apt)}: needs root and the Debian archive")
+    apt_install(apt, "bench/peers.py")
+    if any(which(p) is None for p in apt):
+        raise BenchError(f"cannot install {' '.join(apt)}: needs root and the Debian archive")
     pip = [pkg for mod, pkg in PY_DEPS if importlib.util.find_spec(mod) is None]
     if pip:
         print(f"bench/peers.py: installing Python packages {' '.join(pip)}", file=sys.stderr)

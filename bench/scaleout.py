@@ -23,8 +23,9 @@ start and end of a steady window:
   out is free.
 
 ``--rate R`` offers each hub the same load instead: every device sends R records/s (in
-full 100-record batches), and each hub gets ``--devices`` devices of its own, so the two-hub
-run has twice the devices and twice the records of the one-hub runs.  Flat out, two hubs
+full 100-record batches), and each hub gets ``--devices`` devices of its own (names are
+drawn until rendezvous places exactly that many on each), so the two-hub run has twice the
+devices and twice the records of the one-hub runs.  Flat out, two hubs
 on one core are two saturated processes taking turns; at a set rate neither is saturated
 and the per-record cost is compared at the same per-hub load.  ``--spread`` puts the
 second hub on the other CPU (beside the load and nats-server) instead of beside the
@@ -36,6 +37,18 @@ compared with measured in both of those places, one hub at a time (``jetstream_1
 the first CPU, ``jetstream_1hub_beside_load`` on the other, beside the load processes and
 nats-server); ``cpu_s_per_100k_jetstream_1hub_matched`` is the two together per record and
 ``two_hubs_over_one`` is taken against it.
+
+``--instructions`` (with ``--rate``) runs every hub under valgrind's callgrind and counts
+the instructions it executes per committed record (``instructions_per_record_*``,
+``two_hubs_over_one_instructions``, ``jetstream_over_sqlite_instructions``).  CPU seconds
+on this 2-core machine move by +-15% between runs of one configuration, with the load,
+nats-server and the hubs taking turns on the cores; a count of instructions does not
+depend on who else runs.  What still moves it is timing the hubs react to (how many
+records a commit group gathers), so it is a few per cent, not zero.  The devices are
+paused and every batch sent is acknowledged before the count is zeroed and again before
+it is read: the window holds every instruction of its records, from their first datagram
+to their commit ACK.  A hub under callgrind runs ~50x slower, so the rate must be low
+(``--rate 50 --devices 20``: 1,000 records/s per hub); valgrind is installed if missing.
 
 ``nats_server_cpu_s_per_100k_*`` is what the JetStream server spent meanwhile on its
 own core (not the hub's, but a machine's).  Targets: JetStream within 1.3x of SQLite's
@@ -69,6 +82,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from _common import (
     BenchError,
     Hub,
+    apt_install,
     cpu_seconds,
     cpu_split,
     die_with_parent,
@@ -94,6 +108,7 @@ from simulator.telemetry import Drive
 from transport.batchcodec import Record, encode_batch
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+CALLGRIND = shutil.which("valgrind") or "/usr/bin/valgrind"
 TARGET_RATIO = 1.3  # issue 7: JetStream within 1.3x of SQLite's per-record hub CPU
 COMMITTED = "squall_hub_records_committed_total"
 COMMITS = "squall_hub_commits_total"
@@ -262,6 +277,24 @@ class PlacedLoad(Load):
     def __init__(self, conn: Connection, worker: int, plan: dict[str, Any]) -> None:
         super().__init__(conn, worker, plan)
         self.hub_ports = {f"127.0.0.1:{p}": int(p) for p in plan["ports"]}
+        self.homes = list(self.hub_ports)
+        # at a set rate every hub gets the same number of devices (the one-hub run's
+        # load each): names are drawn until each hub has its share by rendezvous
+        self.even = float(plan.get("rate", 0.0)) > 0
+        self.per_home: dict[str, int] = dict.fromkeys(self.homes, 0)
+        self.candidate = 0
+
+    def device_name(self, i: int) -> str:
+        if not self.even:
+            return super().device_name(i)
+        share = min(self.per_home.values())
+        while True:
+            name = f"load{self.worker}-{self.candidate:05d}"
+            self.candidate += 1
+            home = home_hub(self.homes, name)
+            if self.per_home[home] == share:
+                self.per_home[home] += 1
+                return name
 
     async def _handshake(self, d: Any, timeout: float) -> bool:
         # Load._handshake reads self.port before its first await: set it per device
@@ -301,6 +334,61 @@ class PlacedWorkers(Workers):
         self.gather("hello", 30)
 
 
+def callgrind_argv(directory: Path) -> list[str]:
+    """valgrind's callgrind before a hub: it counts the instructions the hub executes.
+
+    Counted instructions do not depend on what else the machine runs or how the
+    scheduler slices the CPUs, which the CPU seconds of two hubs on two shared cores
+    do.  Collection starts with the hub but is zeroed at the window's start.
+    """
+    return [
+        CALLGRIND,
+        "--tool=callgrind",
+        "--quiet",
+        f"--callgrind-out-file={directory / 'callgrind.out'}",
+    ]
+
+
+def callgrind_control(what: str, pid: int) -> None:
+    """``callgrind_control --zero|--dump PID``; BenchError if it fails."""
+    tool = shutil.which("callgrind_control") or "/usr/bin/callgrind_control"
+    r = subprocess.run([tool, what, str(pid)], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0 or "OK" not in r.stdout:
+        raise BenchError(f"callgrind_control {what} {pid} failed: {r.stdout}{r.stderr}")
+
+
+def callgrind_dump(hub: Hub) -> int:
+    """Dump ``hub``'s counters; the instructions executed since they were last zeroed."""
+    before = set(hub.files.config.parent.glob("callgrind.out.*"))
+    callgrind_control("--dump", hub.pid)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        new = set(hub.files.config.parent.glob("callgrind.out.*")) - before
+        for path in new:
+            for line in path.read_text(errors="replace").splitlines():
+                if line.startswith(("totals:", "summary:")):
+                    return int(line.split()[1])
+        time.sleep(0.2)
+    raise BenchError(f"no callgrind dump of hub {hub.pid} within 60 s")
+
+
+def drained(workers: Workers, quiet_s: float = 3.0, timeout: float = 300.0) -> int:
+    """After a pause: until the devices' acknowledged records stop growing for
+    ``quiet_s`` (every batch sent is committed and acknowledged); returns that count."""
+    deadline = time.monotonic() + timeout
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        workers.send("stats")
+        acked = total(workers.gather("stats", 30), "acked")
+        now = time.monotonic()
+        if acked != last:
+            last, since = acked, now
+        elif now - since >= quiet_s:
+            return acked
+        time.sleep(0.5)
+    raise BenchError(f"the hubs did not drain within {timeout:.0f} s")
+
+
 def measure_hubs(
     args: argparse.Namespace,
     tmp: Path,
@@ -331,9 +419,10 @@ def measure_hubs(
                     },
                     "name": f"hub{i}",
                 }
-            hubs.append(Hub(write_hub_config(d, pki, **over), placement[i], d))
+            wrapper = callgrind_argv(d) if args.instructions else None
+            hubs.append(Hub(write_hub_config(d, pki, **over), placement[i], d, wrapper=wrapper))
         for h in hubs:
-            h.wait_ready()
+            h.wait_ready(600 if args.instructions else 30)
         ports = [h.files.udp_port for h in hubs]
         plan = {
             "port": ports[0],
@@ -349,23 +438,37 @@ def measure_hubs(
         devices = args.devices * (n_hubs if args.rate > 0 else 1)
         per_proc = devices // args.procs
         workers = PlacedWorkers(args.procs, plan)
-        workers.send("connect", per_proc, 60.0)
-        up = total(workers.gather("connected", 90), "up")
+        slow = 10 if args.instructions else 1  # a hub under callgrind is ~50x slower
+        workers.send("connect", per_proc, 60.0 * slow)
+        up = total(workers.gather("connected", 90 * slow), "up")
         if up != per_proc * args.procs:
             raise BenchError(f"only {up} of {per_proc * args.procs} devices connected")
         workers.send("go")
         time.sleep(args.warmup)
         for h in hubs:
             h.check_alive()
+        if args.instructions:
+            # every record of the window, from its first datagram to its commit, and
+            # nothing before or after: paused and drained at both ends
+            workers.send("pause")
+            drained(workers)
         g0 = [h.metrics() for h in hubs]
         m0 = [g.get(COMMITTED, 0.0) for g in g0]
+        if args.instructions:
+            for h in hubs:
+                callgrind_control("--zero", h.pid)
+            workers.send("go")
         c0 = [cpu_seconds(h.pid) for h in hubs]
         s0 = cpu_seconds(server.proc.pid) if server is not None else 0.0
         t0 = time.monotonic()
         time.sleep(args.window)
+        if args.instructions:
+            workers.send("pause")
+            drained(workers)
         c1 = [cpu_seconds(h.pid) for h in hubs]
         s1 = cpu_seconds(server.proc.pid) if server is not None else 0.0
         t1 = time.monotonic()
+        instructions = [callgrind_dump(h) for h in hubs] if args.instructions else []
         g1 = [h.metrics() for h in hubs]
         m1 = [g.get(COMMITTED, 0.0) for g in g1]
         workers.send("pause")
@@ -389,7 +492,17 @@ def measure_hubs(
         key = f"squall_hub_udp_datagrams_total{{direction={direction}}}"
         return sum(b.get(key, 0.0) - a.get(key, 0.0) for a, b in zip(g0, g1, strict=True))
 
+    extra: dict[str, Any] = {}
+    if instructions:
+        extra = {
+            "instructions": sum(instructions),
+            "instructions_per_record": round(sum(instructions) / committed),
+            "per_hub_instructions_per_record": [
+                round(n / max(1.0, r)) for n, r in zip(instructions, per_hub, strict=True)
+            ],
+        }
     return {
+        **extra,
         "cpu_s": cpu,
         "committed": committed,
         "cpu_s_per_100k": round(cpu / committed * 1e5, 3),
@@ -411,7 +524,7 @@ def measure_whole_hubs(args: argparse.Namespace, tmp: Path, server: NatsServer) 
     pki = make_pki(tmp / "certs")
     out: dict[str, Any] = {}
     first, other = cpu_split()
-    second = other if args.spread or args.matched else first
+    second = other if args.spread or args.matched or args.instructions else first
     runs: list[tuple[str, list[set[int]], NatsServer | None, str]] = [
         ("sqlite", [first], None, ""),
         ("jetstream_1hub", [first], server, "SQUALLB1"),
@@ -427,6 +540,8 @@ def measure_whole_hubs(args: argparse.Namespace, tmp: Path, server: NatsServer) 
         out[f"records_per_s_{key}"] = r["records_per_s"]
         out[f"hub_cpu_util_{key}"] = r["hub_cpu_util"]
         out[f"records_per_commit_{key}"] = r["records_per_commit"]
+        if "instructions_per_record" in r:
+            out[f"instructions_per_record_{key}"] = r["instructions_per_record"]
         out[f"datagrams_in_per_100_records_{key}"] = r["datagrams_in_per_100_records"]
         out[f"datagrams_out_per_100_records_{key}"] = r["datagrams_out_per_100_records"]
         if srv is not None:
@@ -434,18 +549,27 @@ def measure_whole_hubs(args: argparse.Namespace, tmp: Path, server: NatsServer) 
         if len(placement) > 1:
             out[f"per_hub_records_{key}"] = r["per_hub_records"]
             out[f"per_hub_cpu_s_per_100k_{key}"] = r["per_hub_cpu_s_per_100k"]
+            if "per_hub_instructions_per_record" in r:
+                out[f"per_hub_instructions_per_record_{key}"] = r["per_hub_instructions_per_record"]
     if args.matched:
         # one hub in each place the two hubs take, one at a time: per record, what the
         # same placements cost without a second hub running
         one = [raw["jetstream_1hub"], raw["jetstream_1hub_beside_load"]]
         per = sum(r["cpu_s"] for r in one) / sum(r["committed"] for r in one) * 1e5
         out["cpu_s_per_100k_jetstream_1hub_matched"] = round(per, 3)
+        if args.instructions:
+            per = sum(r["instructions"] for r in one) / sum(r["committed"] for r in one)
+            out["instructions_per_record_jetstream_1hub_matched"] = round(per)
     return out
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
-    if not Path(NATS_SERVER).exists():
-        raise BenchError("nats-server is not installed: run `make system-deps`")
+    need = [] if Path(NATS_SERVER).exists() else ["nats-server"]
+    if args.instructions and not Path(CALLGRIND).exists():
+        need.append("valgrind")
+    apt_install(need, "bench/scaleout.py")  # what `make bench` needs and the venv lacks
+    if not Path(NATS_SERVER).exists() or (args.instructions and not Path(CALLGRIND).exists()):
+        raise BenchError(f"cannot install {' '.join(need)}: needs root and the Debian archive")
     mine, others = cpu_split()
     templates = device_batches(args.devices, args.batch)
     work = groups(templates, args.batch, args.group, args.records)
@@ -456,7 +580,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "window_s": args.window,
         "placement": (
             "hubs on different CPUs, one beside the load and nats-server"
-            if args.spread or args.matched
+            if args.spread or args.matched or args.instructions
             else "hubs on one CPU, load and nats-server on the other"
         ),
         "batch_records": args.batch,
@@ -478,6 +602,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             server.stop()
     finally:
+        if args.keep_callgrind is not None:  # the dumps, for callgrind_annotate
+            for dump in (tmp / "hubs").glob("*/hub*/callgrind.out.*"):
+                dest = args.keep_callgrind / f"{dump.parent.parent.name}-{dump.parent.name}"
+                dest.mkdir(parents=True, exist_ok=True)
+                shutil.copy(dump, dest / dump.name)
         shutil.rmtree(tmp, ignore_errors=True)
     sq, js = out["log_cpu_s_per_100k_sqlite"], out["log_cpu_s_per_100k_jetstream"]
     out["log_jetstream_over_sqlite"] = round(js / sq, 2) if sq else None
@@ -487,6 +616,13 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         out["jetstream_over_sqlite"] = round(one / sq, 2) if sq else None
         base = out.get("cpu_s_per_100k_jetstream_1hub_matched", one)
         out["two_hubs_over_one"] = round(two / base, 2) if base else None
+        if args.instructions:
+            sq = out["instructions_per_record_sqlite"]
+            one = out["instructions_per_record_jetstream_1hub"]
+            two = out["instructions_per_record_jetstream_2hubs"]
+            base = out.get("instructions_per_record_jetstream_1hub_matched", one)
+            out["jetstream_over_sqlite_instructions"] = round(one / sq, 3)
+            out["two_hubs_over_one_instructions"] = round(two / base, 3)
     return out
 
 
@@ -524,6 +660,21 @@ def report(out: dict[str, Any]) -> None:
             print(
                 "  1 hub in each of the 2 hubs' places, one at a time: "
                 f"{out['cpu_s_per_100k_jetstream_1hub_matched']} hub CPU-s per 100k records"
+            )
+        if "two_hubs_over_one_instructions" in out:
+            print("  instructions per committed record (callgrind):")
+            for key in ("sqlite", "jetstream_1hub", "jetstream_1hub_beside_load"):
+                if f"instructions_per_record_{key}" in out:
+                    print(f"    {key}: {out[f'instructions_per_record_{key}']:,}")
+            print(
+                f"    jetstream_2hubs: {out['instructions_per_record_jetstream_2hubs']:,} "
+                f"(each: {out['per_hub_instructions_per_record_jetstream_2hubs']})"
+            )
+            ratio = out["jetstream_over_sqlite_instructions"]
+            two = out["two_hubs_over_one_instructions"]
+            print(
+                f"    JetStream / SQLite: {ratio}x ({mark(ratio <= TARGET_RATIO)}), "
+                f"2 hubs / 1 hub: {two}x ({mark(two <= 1.0)})"
             )
         ratio, two = out["jetstream_over_sqlite"], out["two_hubs_over_one"]
         print(
@@ -574,6 +725,18 @@ def main() -> int:
         help="with --rate: the hubs on different CPUs (as --spread), and the one-hub figure "
         "they are compared with measured in both of those places, one hub at a time",
     )
+    ap.add_argument(
+        "--instructions",
+        action="store_true",
+        help="with --rate: run each hub under valgrind's callgrind and count the "
+        "instructions it executes per committed record (repeatable; ~50x slower hubs)",
+    )
+    ap.add_argument(
+        "--keep-callgrind",
+        type=Path,
+        metavar="DIR",
+        help="with --instructions: copy each hub's callgrind dumps to DIR/<run>-<hub>/",
+    )
     ap.add_argument("--batch", type=int, default=100, help="records per batch (log alone)")
     ap.add_argument("--group", type=int, default=10, help="batches per group (log alone)")
     ap.add_argument("--records", type=int, default=1_000_000, help="records (log alone)")
@@ -586,6 +749,8 @@ def main() -> int:
         args.records, args.warmup, args.window = 200_000, 3.0, 8.0
     if args.procs < 1 or args.devices < args.procs:
         ap.error("--devices must be at least --procs >= 1")
+    if args.instructions and args.rate <= 0:
+        ap.error("--instructions needs --rate (a hub under callgrind is ~50x slower)")
     if args.matched and args.rate <= 0:
         ap.error("--matched needs --rate (flat out, the hubs' loads differ by placement)")
     try:
