@@ -314,6 +314,12 @@ class Load:
         s.up = sum(d.up for d in self.devices)
         out = dict(s.__dict__)
         out["rss_kb"] = status_kb(os.getpid())
+        # records on the wire and not yet acknowledged, over every live session
+        out["unacked"] = sum(
+            d.endpoint.session.unacked(int(Lane.TELEMETRY))
+            for d in self.devices
+            if d.up and d.endpoint is not None
+        )
         return out
 
     # -- connecting -------------------------------------------------------------------

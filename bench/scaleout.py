@@ -24,10 +24,10 @@ start and end of a steady window:
 
 ``--rate R`` offers each hub the same load instead: every device sends R records/s (in
 full 100-record batches), and each hub gets ``--devices`` devices of its own (names are
-drawn until rendezvous places exactly that many on each), so the two-hub run has twice the
-devices and twice the records of the one-hub runs.  Flat out, two hubs
-on one core are two saturated processes taking turns; at a set rate neither is saturated
-and the per-record cost is compared at the same per-hub load.  ``--spread`` puts the
+drawn until rendezvous places that many on each; ``--procs`` must divide ``--devices``),
+so the two-hub run has twice the devices and twice the records of the one-hub runs.  Flat
+out, two hubs on one core are two saturated processes taking turns; at a set rate neither
+is saturated and the per-record cost is compared at the same per-hub load.  ``--spread`` puts the
 second hub on the other CPU (beside the load and nats-server) instead of beside the
 first; ``per_hub_cpu_s_per_100k_jetstream_2hubs`` gives each hub's own figure.
 
@@ -44,11 +44,14 @@ the instructions it executes per committed record (``instructions_per_record_*``
 on this 2-core machine move by +-15% between runs of one configuration, with the load,
 nats-server and the hubs taking turns on the cores; a count of instructions does not
 depend on who else runs.  What still moves it is timing the hubs react to (how many
-records a commit group gathers), so it is a few per cent, not zero.  The devices are
-paused and every batch sent is acknowledged before the count is zeroed and again before
-it is read: the window holds every instruction of its records, from their first datagram
-to their commit ACK.  A hub under callgrind runs ~50x slower, so the rate must be low
-(``--rate 50 --devices 20``: 1,000 records/s per hub); valgrind is installed if missing.
+records a commit group gathers), so it is a few per cent, not zero.  It is the hub's
+user-space instructions only: the kernel's work for its sockets is not counted.  The
+devices are paused and every batch sent is acknowledged before the count is zeroed and
+again before it is read, so the window holds the hub's work for its records from their
+first datagram to their commit ACK (and a second or more of idle timers); a device that
+reconnects in the window fails the run.  A hub under callgrind runs ~50x slower, so the
+rate must be low (``--rate 50 --devices 20``: 1,000 records/s per hub); valgrind is
+installed if missing.
 
 ``nats_server_cpu_s_per_100k_*`` is what the JetStream server spent meanwhile on its
 own core (not the hub's, but a machine's).  Targets: JetStream within 1.3x of SQLite's
@@ -350,43 +353,53 @@ def callgrind_argv(directory: Path) -> list[str]:
 
 
 def callgrind_control(what: str, pid: int) -> None:
-    """``callgrind_control --zero|--dump PID``; BenchError if it fails."""
+    """``callgrind_control --zero|--dump PID``; BenchError if it fails.
+
+    callgrind_control prints "OK." whatever vgdb answered, so a failure shows only in what
+    vgdb printed on stderr.
+    """
     tool = shutil.which("callgrind_control") or "/usr/bin/callgrind_control"
-    r = subprocess.run([tool, what, str(pid)], capture_output=True, text=True, timeout=120)
-    if r.returncode != 0 or "OK" not in r.stdout:
+    try:
+        r = subprocess.run([tool, what, str(pid)], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"callgrind_control {what} {pid}: no answer in 120 s") from exc
+    sent = f"sending command {what.lstrip('-')} to pid {pid}"
+    if r.returncode != 0 or "OK" not in r.stdout or sent not in r.stderr or "error" in r.stderr:
         raise BenchError(f"callgrind_control {what} {pid} failed: {r.stdout}{r.stderr}")
 
 
 def callgrind_dump(hub: Hub) -> int:
-    """Dump ``hub``'s counters; the instructions executed since they were last zeroed."""
+    """Dump ``hub``'s counters; the instructions executed since they were last zeroed
+    (the dump's closing ``totals:`` line, so a dump still being written is not read)."""
     before = set(hub.files.config.parent.glob("callgrind.out.*"))
     callgrind_control("--dump", hub.pid)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         new = set(hub.files.config.parent.glob("callgrind.out.*")) - before
         for path in new:
-            for line in path.read_text(errors="replace").splitlines():
-                if line.startswith(("totals:", "summary:")):
+            for line in reversed(path.read_text(errors="replace").splitlines()):
+                if line.startswith("totals:"):
                     return int(line.split()[1])
         time.sleep(0.2)
     raise BenchError(f"no callgrind dump of hub {hub.pid} within 60 s")
 
 
-def drained(workers: Workers, quiet_s: float = 3.0, timeout: float = 300.0) -> int:
-    """After a pause: until the devices' acknowledged records stop growing for
-    ``quiet_s`` (every batch sent is committed and acknowledged); returns that count."""
+def drained(workers: Workers, timeout: float = 300.0) -> dict[str, int]:
+    """After a pause: until no live session has a record on the wire unacknowledged and
+    the acknowledged count has stood still for a second; returns the load's counters."""
     deadline = time.monotonic() + timeout
     last, since = -1, time.monotonic()
     while time.monotonic() < deadline:
         workers.send("stats")
-        acked = total(workers.gather("stats", 30), "acked")
+        stats = workers.gather("stats", 30)
+        acked, unacked = total(stats, "acked"), total(stats, "unacked")
         now = time.monotonic()
         if acked != last:
             last, since = acked, now
-        elif now - since >= quiet_s:
-            return acked
+        elif unacked == 0 and now - since >= 1.0:
+            return {k: total(stats, k) for k in ("acked", "up", "lost_after_up")}
         time.sleep(0.5)
-    raise BenchError(f"the hubs did not drain within {timeout:.0f} s")
+    raise BenchError(f"the hubs did not acknowledge every batch sent within {timeout:.0f} s")
 
 
 def measure_hubs(
@@ -447,11 +460,12 @@ def measure_hubs(
         time.sleep(args.warmup)
         for h in hubs:
             h.check_alive()
+        before: dict[str, int] = {}
         if args.instructions:
-            # every record of the window, from its first datagram to its commit, and
-            # nothing before or after: paused and drained at both ends
+            # the records of the window, from their first datagram to their commit ACK,
+            # and no others: paused and drained at both ends
             workers.send("pause")
-            drained(workers)
+            before = drained(workers)
         g0 = [h.metrics() for h in hubs]
         m0 = [g.get(COMMITTED, 0.0) for g in g0]
         if args.instructions:
@@ -464,7 +478,10 @@ def measure_hubs(
         time.sleep(args.window)
         if args.instructions:
             workers.send("pause")
-            drained(workers)
+            after = drained(workers)
+            if (after["up"], after["lost_after_up"]) != (before["up"], before["lost_after_up"]):
+                # a new handshake would count millions of instructions in the window
+                raise BenchError(f"devices reconnected during the window: {before} -> {after}")
         c1 = [cpu_seconds(h.pid) for h in hubs]
         s1 = cpu_seconds(server.proc.pid) if server is not None else 0.0
         t1 = time.monotonic()
@@ -749,6 +766,8 @@ def main() -> int:
         args.records, args.warmup, args.window = 200_000, 3.0, 8.0
     if args.procs < 1 or args.devices < args.procs:
         ap.error("--devices must be at least --procs >= 1")
+    if args.rate > 0 and args.devices % args.procs:
+        ap.error("with --rate, --procs must divide --devices (each hub gets exactly --devices)")
     if args.instructions and args.rate <= 0:
         ap.error("--instructions needs --rate (a hub under callgrind is ~50x slower)")
     if args.matched and args.rate <= 0:
