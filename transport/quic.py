@@ -694,6 +694,7 @@ class HubConnection:
     handshake_deadline: float | None = None  # until the handshake completes
     settled: bool = False  # aioquic's spent handshake state released (release_spent_state)
     unacked: int = 0  # datagrams waiting for our ACK (see ACK_EVERY)
+    routed_cid_seq: int = 0  # aioquic's _host_cid_seq when its IDs were last routed (_take)
 
     @property
     def peer_addr(self) -> Address:
@@ -1100,9 +1101,11 @@ class HubEndpoint:
         # read with the next input): a device may switch to one in its very next packet, and
         # an ID of ours that routes nowhere is answered with a stateless reset
         q: Any = conn.quic
-        for c in q._host_cids:
-            if c.cid not in conn.cids:
-                self._register_cid(conn, c.cid)
+        if conn.routed_cid_seq != q._host_cid_seq:  # it made IDs: not a loop per datagram
+            conn.routed_cid_seq = q._host_cid_seq
+            for c in q._host_cids:
+                if c.cid not in conn.cids:
+                    self._register_cid(conn, c.cid)
         if out:
             conn.unacked = _count_after_send(conn.quic, conn.unacked)
         if conn.quic._state is QuicConnectionState.TERMINATED:
@@ -1269,6 +1272,7 @@ _PINNED: dict[str, tuple[str, ...]] = {
         "_datagrams_pending",
         "_events",
         "_handshake_confirmed",
+        "_host_cid_seq",
         "_host_cids",
         "_is_client",
         "_local_active_connection_id_limit",
